@@ -1,0 +1,31 @@
+# Every target creates .venv and installs the project (with mlflow and the test tools) first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[mlflow,test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: a synthetic RLM benchmark loop reporting to ./mlflow.db (no server needed).
+run: $(STAMP)
+	$(VENV)/bin/rlm-mlflow run --task "Create a DSPy signature" --environment dspy \
+		--steps 2000 --runs 2 --depth 1
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,101 @@
+"""The bounded buffer between the hooks (any thread) and the worker (one thread).
+
+The hot path is `Buffer.put`: a length check, a deque append and, once per batch, an Event.set
+that wakes the worker (the pattern of OpenTelemetry's batch processor). `deque.append` and
+`popleft` are atomic under the GIL, so producers take no lock; with many producer threads the
+bound can be overshot by at most one event per thread. Only a full or closed buffer takes the
+slow path, with a lock and a condition.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import structlog
+
+from ._event import Event, Marker
+
+log = structlog.get_logger("rlm_mlflow")
+
+
+class Buffer:
+    def __init__(self, maxsize: int, wake_at: int, put_timeout: float) -> None:
+        self._queue: deque[Event] = deque()
+        self._maxsize = maxsize
+        self.wake_at = wake_at
+        self._put_timeout = put_timeout
+        self.wakeup = threading.Event()
+        self._room = threading.Condition()
+        self._waiting = 0  # producers blocked in _put_when_full
+        self._closed = False
+        self.dropped = 0
+        self._burst = 0  # drops since the worker last reported them
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, event: Event) -> None:
+        queue = self._queue
+        if len(queue) < self._maxsize:
+            queue.append(event)
+            if len(queue) >= self.wake_at and not self.wakeup.is_set():
+                self.wakeup.set()
+            return
+        self._put_when_full(event)
+
+    def put_marker(self, marker: Marker) -> None:
+        """Markers ignore the bound: a flush must be able to queue behind a full buffer."""
+        self._queue.append(marker)
+        self.wakeup.set()
+
+    def _put_when_full(self, event: Event) -> None:
+        with self._room:
+            if not self._closed:
+                deadline = time.monotonic() + self._put_timeout
+                self._waiting += 1
+                try:
+                    while len(self._queue) >= self._maxsize and not self._closed:
+                        self.wakeup.set()
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0 or not self._room.wait(remaining):
+                            break
+                finally:
+                    self._waiting -= 1
+                if len(self._queue) < self._maxsize and not self._closed:
+                    self._queue.append(event)
+                    return
+            self.dropped += 1
+            self._burst += 1
+            if self._burst == 1:
+                log.warning(
+                    "events dropped",
+                    reason="sink closed" if self._closed else "buffer full",
+                    queue_size=self._maxsize,
+                    put_timeout=self._put_timeout,
+                )
+
+    def drain(self, limit: int) -> list[Event]:
+        """Take up to ``limit`` events, oldest first, and let blocked producers in."""
+        queue = self._queue
+        items: list[Event] = []
+        while queue and len(items) < limit:
+            items.append(queue.popleft())
+        if self._waiting:
+            with self._room:
+                self._room.notify_all()
+        return items
+
+    def take_drop_burst(self) -> int:
+        """How many events were dropped since the last call (the worker logs bursts once)."""
+        with self._room:
+            burst, self._burst = self._burst, 0
+        return burst
+
+    def close(self) -> None:
+        """From now on every put is dropped (and counted); markers still pass."""
+        with self._room:
+            self._closed = True
+            self._maxsize = 0
+            self._room.notify_all()

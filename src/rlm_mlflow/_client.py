@@ -1,0 +1,150 @@
+"""The MLflow client adapter: MlflowClient's blocking calls, made async, bounded and retried.
+
+Every call runs in a worker thread (``anyio.to_thread``) under one capacity limiter, so at most
+``max_in_flight`` requests are open at once, and is retried by one tenacity policy when the
+failure is transient. mlflow is imported here, in the worker, never on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import anyio.to_thread
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from ._batcher import MetricRow
+
+log = structlog.get_logger("rlm_mlflow")
+T = TypeVar("T")
+
+#: HTTP statuses worth a retry: timeout, rate limit, and the server's own failures.
+TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection trouble and 408/429/5xx are transient; anything else (400s) is permanent."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    status = getattr(exc, "get_http_status_code", None)
+    if callable(status):  # MlflowException and RestException
+        return status() in TRANSIENT_HTTP
+    cause = exc.__cause__ or exc.__context__
+    return cause is not None and is_transient(cause)
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """Drop the password from ``scheme://user:pass@host`` so it never reaches logs or status()."""
+    if not uri or "@" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+class MlflowAdapter:
+    """Async face of one ``MlflowClient``, bound to one experiment."""
+
+    def __init__(self, client: Any, experiment_id: str, max_in_flight: int, deadline: float,
+                 on_retry: Callable[[RetryCallState], None]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        self._client = client
+        self._metric, self._param, self._tag = Metric, Param, RunTag
+        self.experiment_id = experiment_id
+        self.tracking_uri: str = client.tracking_uri
+        # A local store (sqlite file) serialises writes anyway; parallel writers only contend.
+        self._limiter = anyio.CapacityLimiter(max_in_flight if is_http(self.tracking_uri) else 1)
+        self._deadline = deadline
+        self._on_retry = on_retry
+
+    @classmethod
+    def connect_sync(cls, tracking_uri: str | None, experiment: str, request_timeout: float,
+                     max_in_flight: int, deadline: float,
+                     on_retry: Callable[[RetryCallState], None]) -> MlflowAdapter:
+        """Import mlflow, build the client and find or create the experiment (blocking)."""
+        # Our tenacity policy does the retrying: MLflow's own HTTP retries (7 tries, ~4 min)
+        # would stack under it and stall a batch for minutes. A user's explicit setting wins.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(request_timeout))))
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        return cls(client, _experiment_id(client, experiment), max_in_flight, deadline, on_retry)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking client call in a thread, retrying transient failures to the deadline."""
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(self._deadline),
+            wait=wait_random_exponential(multiplier=0.25, max=10),
+            retry=retry_if_exception(is_transient),
+            sleep=anyio.sleep,
+            before_sleep=self._on_retry,
+            reraise=True,
+        )
+        job = partial(fn, *args, **kwargs)
+        async for attempt in retrying:
+            with attempt:
+                return await anyio.to_thread.run_sync(job, limiter=self._limiter)
+        raise AssertionError("unreachable: tenacity reraises the last error")
+
+    async def create_run(self, run_name: str, start_ms: int, tags: dict[str, str]) -> str:
+        run = await self.call(self._client.create_run, self.experiment_id, start_time=start_ms,
+                              tags=tags, run_name=run_name)
+        return str(run.info.run_id)
+
+    async def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:
+        await self.call(self._log_metrics_sync, run_id, rows)
+
+    def _log_metrics_sync(self, run_id: str, rows: Sequence[MetricRow]) -> None:
+        # Built in the sender thread, not on the event loop: a 1000-metric batch takes ~1 ms.
+        metrics = [self._metric(key, value, ts, step) for key, value, ts, step in rows]
+        self._client.log_batch(run_id, metrics=metrics)
+
+    async def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
+        await self.call(self._client.log_batch, run_id,
+                        params=[self._param(k, v) for k, v in params])
+
+    async def log_path(self, run_id: str, path: str) -> None:
+        """A file lands at the artifact root (as in the seed); a directory under its own name."""
+        if os.path.isdir(path):
+            name = os.path.basename(os.path.normpath(path))
+            await self.call(self._client.log_artifacts, run_id, path, artifact_path=name)
+        else:
+            await self.call(self._client.log_artifact, run_id, path)
+
+    async def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
+        await self.call(self._client.set_terminated, run_id, status=status, end_time=end_ms)
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """Get or create; another process may create it between our get and create."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(client.create_experiment(name))
+    except MlflowException:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)

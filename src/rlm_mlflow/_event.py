@@ -1,0 +1,50 @@
+"""Events: small immutable records made by the hooks.
+
+Everything an event carries is captured when the hook is called (invariant 2 of DESIGN.md):
+the wall-clock time, the step and the values. Validation happens later, in the worker, so the
+hot path stays a tuple and an append.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, NamedTuple
+
+
+class RunStart(NamedTuple):
+    run_id: str
+    time: float
+    environment: str
+    task_chars: int
+    params: dict[str, Any]  # a shallow copy taken in the hook
+
+
+class Step(NamedTuple):
+    run_id: str
+    step: Any  # validated by the worker: int >= 0
+    reward: Any  # validated by the worker: a finite real number
+    cumulative_reward: Any
+    time: float
+
+
+class RunEnd(NamedTuple):
+    run_id: str
+    time: float
+    completed: Any
+    steps: Any
+    total_reward: Any
+    run_path: Any  # str | os.PathLike | None
+    status: str = "FINISHED"  # KILLED when the sink ends a run the caller never ended
+
+
+class Marker:
+    """Put in the buffer by ``flush``/``close``; done once all events before it are finished."""
+
+    __slots__ = ("closing", "done")
+
+    def __init__(self, closing: bool = False) -> None:
+        self.closing = closing
+        self.done = threading.Event()
+
+
+Event = RunStart | Step | RunEnd | Marker

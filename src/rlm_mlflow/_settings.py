@@ -1,0 +1,92 @@
+"""Settings of the forwarder: one frozen dataclass, each field also an environment variable."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "DSPY_RLM_MLFLOW_"
+
+#: MLflow rejects a ``log_batch`` call with more than this many metrics.
+MLFLOW_MAX_METRICS_PER_BATCH = 1000
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the sink buffers and sends. Every field ``x`` is read from ``DSPY_RLM_MLFLOW_X``."""
+
+    queue_size: int = _setting(
+        100_000, "Events the in-memory buffer holds before a hook has to wait (then drop)."
+    )
+    batch_size: int = _setting(
+        1000, "Metrics per MLflow log_batch call (MLflow accepts at most 1000)."
+    )
+    flush_interval: float = _setting(
+        1.0, "Seconds the worker waits for a full batch before it sends what it has."
+    )
+    max_in_flight: int = _setting(
+        4, "log_batch calls in flight at once against a tracking server (1 for local stores)."
+    )
+    put_timeout: float = _setting(
+        0.5, "Seconds a hook may wait for room in a full buffer before the event is dropped."
+    )
+    retry_deadline: float = _setting(
+        120.0, "Seconds a failing call is retried (transient errors only) before it is failed."
+    )
+    request_timeout: float = _setting(
+        30.0, "Seconds one HTTP request to the tracking server may take."
+    )
+    close_timeout: float = _setting(
+        30.0, "Seconds flush() and close() (also the close at interpreter exit) wait by default."
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(
+                    f"{f.name} (env {env_name(f.name)}) must be a positive number, got {value!r}"
+                )
+        if self.batch_size > MLFLOW_MAX_METRICS_PER_BATCH or self.batch_size < 2:
+            raise ValueError(
+                f"batch_size (env {env_name('batch_size')}) must be between 2 and "
+                f"{MLFLOW_MAX_METRICS_PER_BATCH} (MLflow's limit), got {self.batch_size}"
+            )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``DSPY_RLM_MLFLOW_*`` variables, then ``overrides``."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(env_name(f.name))
+            if raw is None or raw.strip() == "":
+                continue
+            kind = int if isinstance(f.default, int) else float
+            try:
+                values[f.name] = kind(raw)
+            except ValueError:
+                raise ValueError(
+                    f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__} "
+                    f"(setting {f.name})"
+                ) from None
+        values.update(overrides)
+        return cls(**values)
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def parse_bool(raw: str | None, default: bool = False) -> bool:
+    """The seed's reading of ``DSPY_RLM_MLFLOW_ENABLED``: 1/true/yes/on, any case."""
+    if raw is None:
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}

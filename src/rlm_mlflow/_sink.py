@@ -1,0 +1,250 @@
+"""`MLflowSink`: the seed's contract (rlm-code's sink protocol) on top of the forwarder.
+
+The three hooks are the hot path: each builds one event and puts it in the buffer. They never
+raise, never touch the network or the disk, and never import mlflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from time import time
+from typing import Any
+
+import structlog
+
+from ._buffer import Buffer
+from ._client import redact_uri
+from ._event import Marker, RunEnd, RunStart, Step
+from ._settings import Settings, parse_bool
+from ._worker import Worker
+
+log = structlog.get_logger("rlm_mlflow")
+
+DEFAULT_EXPERIMENT = "rlm-code-rlm"
+
+
+class MLflowSink:
+    """Send RLM runs to MLflow: params and tags at start, two metrics per step, a summary at end.
+
+    ``MLflowSink(enabled, experiment, tracking_uri)`` is the seed's constructor. Queue settings
+    (see `Settings`) come from keyword arguments, else ``DSPY_RLM_MLFLOW_*``, else defaults.
+    """
+
+    name = "mlflow"
+
+    def __init__(
+        self,
+        enabled: bool = False,
+        experiment: str = DEFAULT_EXPERIMENT,
+        tracking_uri: str | None = None,
+        *,
+        settings: Settings | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.enabled = enabled
+        self.experiment = experiment
+        self.tracking_uri = tracking_uri
+        self.settings = (
+            Settings.from_env(**overrides) if settings is None else _replace(settings, overrides)
+        )
+        self._buffer: Buffer | None = None
+        self._worker: Worker | None = None
+        self._unavailable: str | None = None
+        self._hook_errors = 0
+        self._close_lock = threading.Lock()
+        self._closed = False
+        if not enabled:
+            return
+        if importlib.util.find_spec("mlflow") is None:
+            self._unavailable = "unavailable: No module named 'mlflow'"
+            log.warning("mlflow is not installed; the MLflow sink does nothing",
+                        hint="pip install 'rlm-mlflow[mlflow]'")
+            return
+        s = self.settings
+        self._buffer = Buffer(s.queue_size, wake_at=s.batch_size // 2, put_timeout=s.put_timeout)
+        self._worker = Worker(self._buffer, s, tracking_uri, experiment)
+        self._worker.start()
+        _live_sinks.add(self)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MLflowSink:
+        """The seed's activation: ``DSPY_RLM_MLFLOW_ENABLED``, ``MLFLOW_TRACKING_URI``,
+        ``DSPY_RLM_MLFLOW_EXPERIMENT``, plus one ``DSPY_RLM_MLFLOW_*`` per queue setting."""
+        env = os.environ if environ is None else environ
+        return cls(
+            enabled=parse_bool(env.get("DSPY_RLM_MLFLOW_ENABLED")),
+            experiment=env.get("DSPY_RLM_MLFLOW_EXPERIMENT") or DEFAULT_EXPERIMENT,
+            tracking_uri=env.get("MLFLOW_TRACKING_URI") or None,
+            settings=Settings.from_env(env, **overrides),
+        )
+
+    # -- hooks (hot path) --------------------------------------------------------------------
+
+    def on_run_start(
+        self, run_id: str, *, task: str, environment: str, params: dict[str, Any]
+    ) -> None:
+        buffer = self._buffer
+        if buffer is None:
+            return
+        try:
+            buffer.put(RunStart(run_id, time(), environment, len(task), dict(params)))
+        except Exception as exc:
+            self._hook_failed("on_run_start", run_id, exc)
+
+    def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
+        buffer = self._buffer
+        if buffer is None:
+            return
+        try:
+            buffer.put(
+                Step(run_id, event.get("step"), event.get("reward"), cumulative_reward, time())
+            )
+        except Exception as exc:
+            self._hook_failed("on_step", run_id, exc)
+
+    def on_run_end(self, run_id: str, *, result: Any, run_path: Path | str | None) -> None:
+        buffer = self._buffer
+        if buffer is None:
+            return
+        try:
+            buffer.put(
+                RunEnd(
+                    run_id,
+                    time(),
+                    _field(result, "completed", False),
+                    _field(result, "steps", 0),
+                    _field(result, "total_reward", 0.0),
+                    run_path,
+                )
+            )
+        except Exception as exc:
+            self._hook_failed("on_run_end", run_id, exc)
+
+    def _hook_failed(self, hook: str, run_id: Any, exc: Exception) -> None:
+        self._hook_errors += 1
+        log.warning("hook input rejected", hook=hook, run_id=str(run_id)[:200],
+                    error=f"{type(exc).__name__}: {str(exc)[:200]}")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every event accepted so far is finished (delivered or counted as lost).
+
+        Returns False, and logs how many events are still pending, if ``timeout`` (default:
+        the ``close_timeout`` setting) passes first.
+        """
+        if self._buffer is None or self._worker is None:
+            return True
+        marker = Marker()
+        self._buffer.put_marker(marker)
+        return self._wait(marker, timeout, "flush")
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, end every run still open as KILLED, and stop the worker. Idempotent.
+
+        Hooks called after close do nothing (each is counted as dropped).
+        """
+        with self._close_lock:
+            if self._closed or self._buffer is None or self._worker is None:
+                return True
+            self._closed = True
+        marker = Marker(closing=True)
+        self._buffer.put_marker(marker)
+        self._buffer.close()
+        done = self._wait(marker, timeout, "close")
+        self._worker.abort(join_timeout=5.0)  # a no-op join when it already stopped
+        _live_sinks.discard(self)
+        return done
+
+    def _wait(self, marker: Marker, timeout: float | None, what: str) -> bool:
+        assert self._buffer is not None and self._worker is not None
+        if timeout is None:
+            timeout = self.settings.close_timeout
+        if marker.done.wait(timeout if self._worker.alive else 0):
+            return True
+        log.warning(f"{what} timed out", timeout=timeout, pending=self.status()["pending"])
+        return False
+
+    def __enter__(self) -> MLflowSink:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- status ------------------------------------------------------------------------------
+
+    @property
+    def available(self) -> bool:
+        worker = self._worker
+        return worker is not None and worker.import_error is None
+
+    def status(self) -> dict[str, Any]:
+        """The seed's keys (name, enabled, available, detail, experiment) and the forwarder's."""
+        worker = self._worker
+        if not self.enabled:
+            detail = "disabled"
+        elif self._unavailable or (worker and worker.import_error):
+            detail = self._unavailable or (worker.import_error if worker else None) or ""
+        else:
+            detail = redact_uri(self.tracking_uri) or "default-tracking-uri"
+        status: dict[str, Any] = {
+            "name": self.name,
+            "enabled": self.enabled,
+            "available": self.available,
+            "detail": detail,
+            "experiment": self.experiment,
+        }
+        if worker is None or self._buffer is None:
+            return status
+        stats, buffer = worker.stats, self._buffer
+        queued = len(buffer)
+        status.update(
+            tracking_uri=worker.resolved_uri,
+            queued=queued,
+            pending=queued + stats.drained - stats.finished,
+            delivered=stats.delivered,
+            retried=stats.retried,
+            dropped=buffer.dropped + stats.discarded,
+            rejected=stats.rejected + self._hook_errors,
+            failed=stats.failed,
+            skipped=stats.skipped,
+            last_error=stats.last_error,
+            closed=self._closed,
+        )
+        return status
+
+
+def _field(result: Any, name: str, default: Any) -> Any:
+    """The seed reads the result's attributes; a mapping works too."""
+    if isinstance(result, Mapping):
+        return result.get(name, default)
+    return getattr(result, name, default)
+
+
+def _replace(settings: Settings, overrides: dict[str, Any]) -> Settings:
+    return dataclasses.replace(settings, **overrides) if overrides else settings
+
+
+# Close every sink the user forgot to close, while threads can still be started (Python 3.12
+# refuses new threads in plain atexit callbacks; concurrent.futures uses the same hook).
+# Strong references: a sink dropped without close() still has events in flight.
+_live_sinks: set[MLflowSink] = set()
+
+
+def _close_live_sinks() -> None:
+    for sink in list(_live_sinks):
+        sink.close()
+
+
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(_close_live_sinks)
+else:  # pragma: no cover - every supported CPython has it
+    import atexit
+
+    atexit.register(_close_live_sinks)
