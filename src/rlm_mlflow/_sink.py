@@ -57,7 +57,7 @@ class MLflowSink:
         self._unavailable: str | None = None
         self._hook_errors = 0
         self._close_lock = threading.Lock()
-        self._closed = False
+        self._close_marker: Marker | None = None  # set once, by the first close()
         if not enabled:
             return
         if importlib.util.find_spec("mlflow") is None:
@@ -140,8 +140,10 @@ class MLflowSink:
         """
         if self._buffer is None or self._worker is None:
             return True
-        marker = Marker()
-        self._buffer.put_marker(marker)
+        marker = self._close_marker  # once closing, nothing new is accepted: wait for close
+        if marker is None:
+            marker = Marker()
+            self._buffer.put_marker(marker)
         return self._wait(marker, timeout, "flush")
 
     def close(self, timeout: float | None = None) -> bool:
@@ -149,11 +151,12 @@ class MLflowSink:
 
         Hooks called after close do nothing (each is counted as dropped).
         """
+        if self._buffer is None or self._worker is None:
+            return True
         with self._close_lock:
-            if self._closed or self._buffer is None or self._worker is None:
-                return True
-            self._closed = True
-        marker = Marker(closing=True)
+            if self._close_marker is not None:
+                return self._wait(self._close_marker, timeout, "close")
+            marker = self._close_marker = Marker(closing=True)
         self._buffer.put_marker(marker)
         self._buffer.close()
         done = self._wait(marker, timeout, "close")
@@ -167,7 +170,7 @@ class MLflowSink:
             timeout = self.settings.close_timeout
         if marker.done.wait(timeout if self._worker.alive else 0):
             return True
-        log.warning(f"{what} timed out", timeout=timeout, pending=self.status()["pending"])
+        log.warning("timed out", call=what, timeout=timeout, pending=self.status()["pending"])
         return False
 
     def __enter__(self) -> MLflowSink:
@@ -214,7 +217,7 @@ class MLflowSink:
             failed=stats.failed,
             skipped=stats.skipped,
             last_error=stats.last_error,
-            closed=self._closed,
+            closed=self._close_marker is not None,
         )
         return status
 

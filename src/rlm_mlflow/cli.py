@@ -1,0 +1,193 @@
+"""`rlm-mlflow`: a synthetic RLM benchmark loop that reports through the sink, and `status`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ._sink import MLflowSink
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass(frozen=True)
+class Result:
+    """What rlm-code's runner hands to ``on_run_end``."""
+
+    completed: bool
+    steps: int
+    total_reward: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    task: str
+    environment: str
+    steps: int
+    depth: int
+    seed: int
+    run_dir: Path
+
+
+class Progress:
+    """One status line on stderr: steps done, steps/s, and the sink's queue depth."""
+
+    def __init__(self, total: int, sink: MLflowSink) -> None:
+        self.total, self.sink, self.done = total, sink, 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._start = time.perf_counter()
+        self._tty = sys.stderr.isatty()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._draw(final=True)
+
+    def advance(self) -> None:
+        with self._lock:
+            self.done += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2 if self._tty else 5.0):
+            self._draw()
+
+    def _draw(self, final: bool = False) -> None:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        line = (
+            f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} steps "
+            f"{self.done / elapsed:,.0f} steps/s  queue {self.sink.status().get('queued', 0)}"
+        )
+        end = "\n" if final or not self._tty else ""
+        sys.stderr.write(("\r" if self._tty else "") + line + end)
+        sys.stderr.flush()
+
+
+def run_rlm(sink: MLflowSink, plan: Plan, run_id: str, path: str, depth: int,
+            parent: str | None, progress: Progress) -> None:
+    """One RLM run: deterministic rewards from (seed, position in the tree); at half-time a
+    non-leaf run spawns two child runs in parallel threads and waits for them."""
+    steps = plan.steps if depth == 0 else max(plan.steps >> depth, 1)
+    params: dict[str, Any] = {"max_steps": steps, "model": "synthetic", "seed": plan.seed,
+                              "depth": depth, "parent_run_id": parent}
+    sink.on_run_start(run_id, task=plan.task, environment=plan.environment, params=params)
+    rng = random.Random(f"{plan.seed}:{path}")
+    trajectory = plan.run_dir / f"{run_id}.jsonl"
+    cumulative = 0.0
+    with trajectory.open("w", encoding="utf-8") as out:
+        for step in range(steps):
+            if step == steps // 2 and depth < plan.depth:
+                children = [
+                    threading.Thread(target=run_rlm, args=(sink, plan, f"{run_id}.{i}",
+                                                           f"{path}.{i}", depth + 1, run_id,
+                                                           progress))
+                    for i in range(2)
+                ]
+                for child in children:
+                    child.start()
+                for child in children:
+                    child.join()
+            # A learning curve with noise: the reward drifts from ~0.2 up to ~0.8.
+            reward = round(min(1.0, max(0.0, 0.2 + 0.6 * step / steps + rng.gauss(0, 0.1))), 4)
+            cumulative += reward
+            event = {"step": step, "action": {"type": "code", "chars": rng.randint(20, 400)},
+                     "observation": {"success": reward > 0.5}, "reward": reward}
+            out.write(json.dumps(event) + "\n")
+            sink.on_step(run_id, event=event, cumulative_reward=cumulative)
+            progress.advance()
+    sink.on_run_end(run_id, result=Result(True, steps, cumulative), run_path=trajectory)
+
+
+def total_steps(steps: int, max_depth: int) -> int:
+    return sum((2**d) * max(steps >> d, 1) for d in range(max_depth + 1))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    sink = MLflowSink(True, experiment=args.experiment, tracking_uri=tracking_uri)
+    plan = Plan(args.task, args.environment, args.steps, args.depth, args.seed, Path(args.run_dir))
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    batch = f"rlm-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    total = args.runs * total_steps(args.steps, args.depth)
+    print(f"{args.runs} run(s) of {args.steps} steps, depth {args.depth}: {total} steps "
+          f"-> {tracking_uri} (experiment {args.experiment})", file=sys.stderr)
+    started = time.perf_counter()
+    with Progress(total, sink) as progress:
+        for k in range(args.runs):
+            run_rlm(sink, plan, f"{batch}-{k}", str(k), 0, None, progress)
+    looped = time.perf_counter() - started
+    flushed = sink.flush(timeout=args.flush_timeout)
+    flush_s = time.perf_counter() - started - looped
+    sink.close()
+    status = sink.status()
+    print(f"loop {looped:.2f} s, then flush {flush_s:.2f} s "
+          f"({'complete' if flushed else 'TIMED OUT'}): delivered {status.get('delivered')} "
+          f"events, failed {status.get('failed')}, dropped {status.get('dropped')}, "
+          f"rejected {status.get('rejected')}")
+    print(f"runs: {batch}-0 .. {batch}-{args.runs - 1} in experiment '{args.experiment}'")
+    print(f"trajectories: {plan.run_dir.resolve()}")
+    if tracking_uri.startswith(("http://", "https://")):
+        print(f"open: {tracking_uri}")
+    else:
+        print(f"open: mlflow ui --backend-store-uri {tracking_uri}   (then http://127.0.0.1:5000)")
+    ok = flushed and not (status.get("failed") or status.get("dropped") or status.get("rejected"))
+    return 0 if ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    sink = MLflowSink.from_env()
+    print(json.dumps(sink.status(), indent=2))
+    sink.close(timeout=1.0)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlm-mlflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a synthetic RLM benchmark loop that reports to MLflow",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_argument("--task", required=True, help="the task text (its length is logged)")
+    run.add_argument("--environment", required=True, help="the RLM environment name")
+    run.add_argument("--steps", type=int, required=True, help="steps per root run")
+    run.add_argument("--runs", type=int, default=1, help="root runs, one after the other")
+    run.add_argument("--depth", type=int, default=0,
+                     help="recursion depth: each level spawns two child runs at half-time")
+    run.add_argument("--seed", type=int, default=0, help="seed of the reward generator")
+    run.add_argument("--tracking-uri", default=None,
+                     help=f"MLflow tracking URI (env MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
+    run.add_argument("--experiment", default=os.environ.get("DSPY_RLM_MLFLOW_EXPERIMENT")
+                     or "rlm-code-rlm", help="experiment (env DSPY_RLM_MLFLOW_EXPERIMENT)")
+    run.add_argument("--run-dir", default="rlm-runs", help="where trajectory JSONL files go")
+    run.add_argument("--flush-timeout", type=float, default=600.0,
+                     help="seconds to wait for delivery at the end")
+    run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="print the sink's status() as configured by the env")
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

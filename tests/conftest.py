@@ -1,0 +1,76 @@
+"""Real MLflow backends shared by the whole session: an embedded SQLite store and a server."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mlflow import MlflowClient
+
+from rlm_mlflow.testing import MlflowServer
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    with MlflowServer(tmp_path_factory.mktemp("server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def embedded_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    uri = f"sqlite:///{tmp_path_factory.mktemp('embedded') / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()  # create the schema once, not inside a test
+    return uri
+
+
+@pytest.fixture(params=["embedded", "server"])
+def tracking_uri(request: pytest.FixtureRequest) -> str:
+    """Each test that takes it runs against the embedded store and against a real server."""
+    if request.param == "server":
+        server: MlflowServer = request.getfixturevalue("mlflow_server")
+        return server.url
+    uri: str = request.getfixturevalue("embedded_uri")
+    return uri
+
+
+@pytest.fixture
+def experiment() -> str:
+    """A fresh experiment per test, so read-backs see only that test's runs."""
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+class Readback:
+    """What a user would look at in MLflow, through MlflowClient."""
+
+    def __init__(self, tracking_uri: str, experiment: str) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.experiment = experiment
+
+    def runs(self) -> dict[str, Any]:
+        """Runs of the experiment by their caller-side run id (tag ``run_id``)."""
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return {}
+        runs = self.client.search_runs([exp.experiment_id], max_results=5000)
+        return {run.data.tags["run_id"]: run for run in runs}
+
+    def history(self, run: Any, key: str) -> list[Any]:
+        return sorted(self.client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
+
+    def artifacts(self, run: Any, path: str | None = None) -> list[str]:
+        return [f.path for f in self.client.list_artifacts(run.info.run_id, path)]
+
+
+@pytest.fixture
+def readback(tracking_uri: str, experiment: str) -> Readback:
+    return Readback(tracking_uri, experiment)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "runs"
+    path.mkdir()
+    return path
