@@ -7,6 +7,10 @@ failure is transient. mlflow is imported here, in the worker, never on the calle
 
 from __future__ import annotations
 
+# mlflow's import pulls in concurrent.futures.thread, which registers a thread-shutdown hook and
+# fails once the interpreter is exiting. Importing it now keeps the close at exit working when
+# the worker is still importing mlflow then (a short script that never called close()).
+import concurrent.futures.thread  # noqa: F401
 import os
 from collections.abc import Callable, Sequence
 from functools import partial

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from ._sink import MLflowSink
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -185,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Log lines go to stderr; stdout carries the results.
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     code: int = args.func(args)
     return code
 
