@@ -14,9 +14,27 @@ CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 def test_run_drives_a_recursive_benchmark_into_the_default_local_store(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run(
-        [CLI, "run", "--task", "Create a DSPy signature", "--environment", "dspy",
-         "--steps", "300", "--runs", "2", "--depth", "1"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+        [
+            CLI,
+            "run",
+            "--task",
+            "Create a DSPy signature",
+            "--environment",
+            "dspy",
+            "--steps",
+            "300",
+            "--runs",
+            "2",
+            "--depth",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in done.stdout
     assert (tmp_path / "mlflow.db").exists()
@@ -40,7 +58,13 @@ def test_run_drives_a_recursive_benchmark_into_the_default_local_store(tmp_path:
 
 def test_status_prints_the_sinks_status_as_configured_by_the_environment() -> None:
     env = {**os.environ, "DSPY_RLM_MLFLOW_ENABLED": "0", "DSPY_RLM_MLFLOW_EXPERIMENT": "e1"}
-    done = subprocess.run([CLI, "status"], env=env, capture_output=True, text=True,
-                          timeout=60, check=True)
-    assert json.loads(done.stdout) == {"name": "mlflow", "enabled": False, "available": False,
-                                       "detail": "disabled", "experiment": "e1"}
+    done = subprocess.run(
+        [CLI, "status"], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert json.loads(done.stdout) == {
+        "name": "mlflow",
+        "enabled": False,
+        "available": False,
+        "detail": "disabled",
+        "experiment": "e1",
+    }

@@ -19,8 +19,14 @@ def run_python(code: str, *, env_path: Path | None = None, timeout: float = 60) 
     env = dict(os.environ)
     if env_path is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(env_path), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=timeout, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     (result,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     return json.loads(result.removeprefix("RESULT "))
@@ -47,8 +53,11 @@ def test_without_mlflow_the_sink_says_so_and_hooks_do_nothing() -> None:
     # sys.modules[name] = None is how Python itself marks a module as unimportable.
     out = run_python("import sys; sys.modules['mlflow'] = None\n" + HOOKS)
     assert out["status"] == {
-        "name": "mlflow", "enabled": True, "available": False,
-        "detail": "unavailable: No module named 'mlflow'", "experiment": "exp",
+        "name": "mlflow",
+        "enabled": True,
+        "available": False,
+        "detail": "unavailable: No module named 'mlflow'",
+        "experiment": "exp",
     }
     assert out["threads"] == 1  # no worker was started
     assert out["hooks_s"] < 0.5
@@ -56,7 +65,8 @@ def test_without_mlflow_the_sink_says_so_and_hooks_do_nothing() -> None:
 
 
 def test_a_broken_mlflow_install_is_reported_and_events_are_counted_as_dropped(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     broken = tmp_path / "shadow" / "mlflow"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise ImportError('mlflow is half-installed')\n")
@@ -71,7 +81,8 @@ def test_a_broken_mlflow_install_is_reported_and_events_are_counted_as_dropped(
 
 
 def test_a_process_that_forgets_to_close_still_delivers_at_exit(
-        tracking_uri: str, experiment: str, readback: Readback, tmp_path: Path) -> None:
+    tracking_uri: str, experiment: str, readback: Readback, tmp_path: Path
+) -> None:
     out = run_python(f"""
         import json
         from rlm_mlflow import MLflowSink

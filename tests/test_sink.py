@@ -25,11 +25,21 @@ def reward_at(run_id: str, step: int) -> float:
     return (hash((run_id, step)) % 1000) / 8
 
 
-def drive(sink: MLflowSink, run_id: str, steps: int, run_dir: Path,
-          params: dict[str, Any] | None = None, end: bool = True) -> float:
+def drive(
+    sink: MLflowSink,
+    run_id: str,
+    steps: int,
+    run_dir: Path,
+    params: dict[str, Any] | None = None,
+    end: bool = True,
+) -> float:
     """One run through the three hooks, as rlm-code's runner calls them."""
-    sink.on_run_start(run_id, task="Create a DSPy signature", environment="dspy",
-                      params={"max_steps": steps, "model": "test-model", **(params or {})})
+    sink.on_run_start(
+        run_id,
+        task="Create a DSPy signature",
+        environment="dspy",
+        params={"max_steps": steps, "model": "test-model", **(params or {})},
+    )
     cumulative = 0.0
     path = run_dir / f"{run_id}.jsonl"
     with path.open("w") as out:
@@ -37,9 +47,16 @@ def drive(sink: MLflowSink, run_id: str, steps: int, run_dir: Path,
             reward = reward_at(run_id, step)
             cumulative += reward
             out.write(f'{{"step": {step}}}\n')
-            sink.on_step(run_id, event={"step": step, "reward": reward, "action": {},
-                                        "observation": {"success": True}},
-                         cumulative_reward=cumulative)
+            sink.on_step(
+                run_id,
+                event={
+                    "step": step,
+                    "reward": reward,
+                    "action": {},
+                    "observation": {"success": True},
+                },
+                cumulative_reward=cumulative,
+            )
     if end:
         sink.on_run_end(run_id, result=Result(True, steps, cumulative), run_path=path)
     return cumulative
@@ -62,11 +79,17 @@ def assert_complete(readback: Readback, run: Any, run_id: str, steps: int) -> No
     assert run.info.status == "FINISHED"
 
 
-def test_a_2000_step_run_lands_complete(tracking_uri: str, experiment: str,
-                                        readback: Readback, run_dir: Path) -> None:
+def test_a_2000_step_run_lands_complete(
+    tracking_uri: str, experiment: str, readback: Readback, run_dir: Path
+) -> None:
     sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
-    drive(sink, "run-2000", 2000, run_dir,
-          params={"temperature": 0.2, "verbose": True, "note": None, "tools": ["a", "b"]})
+    drive(
+        sink,
+        "run-2000",
+        2000,
+        run_dir,
+        params={"temperature": 0.2, "verbose": True, "note": None, "tools": ["a", "b"]},
+    )
     assert sink.close(timeout=60)
 
     runs = readback.runs()
@@ -75,8 +98,12 @@ def test_a_2000_step_run_lands_complete(tracking_uri: str, experiment: str,
     assert_complete(readback, run, "run-2000", 2000)
     assert run.info.run_name == "run-2000"
     assert run.data.params == {
-        "environment": "dspy", "task_chars": str(len("Create a DSPy signature")),
-        "max_steps": "2000", "model": "test-model", "temperature": "0.2", "verbose": "True",
+        "environment": "dspy",
+        "task_chars": str(len("Create a DSPy signature")),
+        "max_steps": "2000",
+        "model": "test-model",
+        "temperature": "0.2",
+        "verbose": "True",
         "note": "None",
     }  # the list param is skipped, as in the seed
     assert run.data.tags["run_id"] == "run-2000"
@@ -86,12 +113,17 @@ def test_a_2000_step_run_lands_complete(tracking_uri: str, experiment: str,
     status = sink.status()
     assert status["delivered"] == 2002  # start + 2000 steps + end
     assert (status["failed"], status["dropped"], status["rejected"], status["pending"]) == (
-        0, 0, 0, 0)
+        0,
+        0,
+        0,
+        0,
+    )
     assert status["skipped"] == 1  # the non-scalar param
 
 
 def test_a_directory_run_path_is_uploaded_with_its_files(
-        tracking_uri: str, experiment: str, readback: Readback, tmp_path: Path) -> None:
+    tracking_uri: str, experiment: str, readback: Readback, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run-dir"
     (run_dir / "code").mkdir(parents=True)
     (run_dir / "code" / "solution.py").write_text("print('hi')\n")
@@ -103,8 +135,9 @@ def test_a_directory_run_path_is_uploaded_with_its_files(
     assert readback.artifacts(run, "run-dir/code") == ["run-dir/code/solution.py"]
 
 
-def test_8_threads_with_4_interleaved_runs_each(tracking_uri: str, experiment: str,
-                                                readback: Readback, run_dir: Path) -> None:
+def test_8_threads_with_4_interleaved_runs_each(
+    tracking_uri: str, experiment: str, readback: Readback, run_dir: Path
+) -> None:
     steps = 150
     sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
 
@@ -116,8 +149,11 @@ def test_8_threads_with_4_interleaved_runs_each(tracking_uri: str, experiment: s
         for step in range(steps):
             for run_id in ids:
                 totals[run_id] += reward_at(run_id, step)
-                sink.on_step(run_id, event={"step": step, "reward": reward_at(run_id, step)},
-                             cumulative_reward=totals[run_id])
+                sink.on_step(
+                    run_id,
+                    event={"step": step, "reward": reward_at(run_id, step)},
+                    cumulative_reward=totals[run_id],
+                )
         for run_id in ids:
             sink.on_run_end(run_id, result=Result(True, steps, totals[run_id]), run_path=None)
 
@@ -136,12 +172,16 @@ def test_8_threads_with_4_interleaved_runs_each(tracking_uri: str, experiment: s
 
 
 def test_children_running_in_parallel_threads_are_nested_under_their_parent(
-        tracking_uri: str, experiment: str, readback: Readback, run_dir: Path) -> None:
+    tracking_uri: str, experiment: str, readback: Readback, run_dir: Path
+) -> None:
     sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
     sink.on_run_start("root", task="solve", environment="dspy", params={"depth": 0})
     children = [
-        threading.Thread(target=drive, args=(sink, f"root.{i}", 300, run_dir),
-                         kwargs={"params": {"parent_run_id": "root", "depth": 1}})
+        threading.Thread(
+            target=drive,
+            args=(sink, f"root.{i}", 300, run_dir),
+            kwargs={"params": {"parent_run_id": "root", "depth": 1}},
+        )
         for i in range(2)
     ]
     for child in children:
@@ -163,17 +203,18 @@ def test_children_running_in_parallel_threads_are_nested_under_their_parent(
     assert root.info.status == "FINISHED"
 
 
-def test_flush_then_more_steps_then_close(tracking_uri: str, experiment: str,
-                                          readback: Readback, run_dir: Path) -> None:
+def test_flush_then_more_steps_then_close(
+    tracking_uri: str, experiment: str, readback: Readback, run_dir: Path
+) -> None:
     # A long flush interval: only flush() and close() make the worker send.
-    sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri,
-                      flush_interval=60)
+    sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri, flush_interval=60)
     sink.on_run_start("r", task="t", environment="e", params={})
     cumulative = 0.0
     for step in range(100):
         cumulative += reward_at("r", step)
-        sink.on_step("r", event={"step": step, "reward": reward_at("r", step)},
-                     cumulative_reward=cumulative)
+        sink.on_step(
+            "r", event={"step": step, "reward": reward_at("r", step)}, cumulative_reward=cumulative
+        )
     assert sink.flush(timeout=30)
     run = readback.runs()["r"]
     assert len(readback.history(run, "step_reward")) == 100
@@ -181,8 +222,9 @@ def test_flush_then_more_steps_then_close(tracking_uri: str, experiment: str,
 
     for step in range(100, 250):
         cumulative += reward_at("r", step)
-        sink.on_step("r", event={"step": step, "reward": reward_at("r", step)},
-                     cumulative_reward=cumulative)
+        sink.on_step(
+            "r", event={"step": step, "reward": reward_at("r", step)}, cumulative_reward=cumulative
+        )
     sink.on_run_end("r", result=Result(True, 250, cumulative), run_path=run_dir / "absent")
     assert sink.close(timeout=30)
     run = readback.client.get_run(run.info.run_id)
@@ -191,8 +233,9 @@ def test_flush_then_more_steps_then_close(tracking_uri: str, experiment: str,
     assert sink.status()["skipped"] == 1
 
 
-def test_hooks_after_close_do_nothing_harmful(tracking_uri: str, experiment: str,
-                                              readback: Readback, run_dir: Path) -> None:
+def test_hooks_after_close_do_nothing_harmful(
+    tracking_uri: str, experiment: str, readback: Readback, run_dir: Path
+) -> None:
     sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
     drive(sink, "done", 10, run_dir)
     assert sink.close(timeout=30)
@@ -216,8 +259,9 @@ def test_hooks_after_close_do_nothing_harmful(tracking_uri: str, experiment: str
     assert len(readback.history(runs["done"], "step_reward")) == 10
 
 
-def test_close_ends_runs_never_ended_as_killed(tracking_uri: str, experiment: str,
-                                               readback: Readback, run_dir: Path) -> None:
+def test_close_ends_runs_never_ended_as_killed(
+    tracking_uri: str, experiment: str, readback: Readback, run_dir: Path
+) -> None:
     sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
     drive(sink, "abandoned", 50, run_dir, end=False)
     assert sink.close(timeout=30)
@@ -228,9 +272,9 @@ def test_close_ends_runs_never_ended_as_killed(tracking_uri: str, experiment: st
 
 
 def test_stored_time_is_the_hooks_time_not_the_send_time(
-        tracking_uri: str, experiment: str, readback: Readback) -> None:
-    sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri,
-                      flush_interval=60)
+    tracking_uri: str, experiment: str, readback: Readback
+) -> None:
+    sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri, flush_interval=60)
     t0 = time.time()
     sink.on_run_start("timed", task="t", environment="e", params={})
     sink.on_step("timed", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)

@@ -55,7 +55,12 @@ def step_rows(event: Step) -> tuple[MetricRow, MetricRow]:
     ts = timestamp_ms(event.time)
     return (
         ("step_reward", as_metric_value(event.reward, "reward"), ts, step),
-        ("cumulative_reward", as_metric_value(event.cumulative_reward, "cumulative_reward"), ts, step),
+        (
+            "cumulative_reward",
+            as_metric_value(event.cumulative_reward, "cumulative_reward"),
+            ts,
+            step,
+        ),
     )
 
 

@@ -66,8 +66,14 @@ def is_http(uri: str) -> bool:
 class MlflowAdapter:
     """Async face of one ``MlflowClient``, bound to one experiment."""
 
-    def __init__(self, client: Any, experiment_id: str, max_in_flight: int, deadline: float,
-                 on_retry: Callable[[RetryCallState], None]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        experiment_id: str,
+        max_in_flight: int,
+        deadline: float,
+        on_retry: Callable[[RetryCallState], None],
+    ) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         self._client = client
@@ -80,9 +86,15 @@ class MlflowAdapter:
         self._on_retry = on_retry
 
     @classmethod
-    def connect_sync(cls, tracking_uri: str | None, experiment: str, request_timeout: float,
-                     max_in_flight: int, deadline: float,
-                     on_retry: Callable[[RetryCallState], None]) -> MlflowAdapter:
+    def connect_sync(
+        cls,
+        tracking_uri: str | None,
+        experiment: str,
+        request_timeout: float,
+        max_in_flight: int,
+        deadline: float,
+        on_retry: Callable[[RetryCallState], None],
+    ) -> MlflowAdapter:
         """Import mlflow, build the client and find or create the experiment (blocking)."""
         # Our tenacity policy does the retrying: MLflow's own HTTP retries (7 tries, ~4 min)
         # would stack under it and stall a batch for minutes. A user's explicit setting wins.
@@ -110,8 +122,13 @@ class MlflowAdapter:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def create_run(self, run_name: str, start_ms: int, tags: dict[str, str]) -> str:
-        run = await self.call(self._client.create_run, self.experiment_id, start_time=start_ms,
-                              tags=tags, run_name=run_name)
+        run = await self.call(
+            self._client.create_run,
+            self.experiment_id,
+            start_time=start_ms,
+            tags=tags,
+            run_name=run_name,
+        )
         return str(run.info.run_id)
 
     async def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:
@@ -123,8 +140,9 @@ class MlflowAdapter:
         self._client.log_batch(run_id, metrics=metrics)
 
     async def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
-        await self.call(self._client.log_batch, run_id,
-                        params=[self._param(k, v) for k, v in params])
+        await self.call(
+            self._client.log_batch, run_id, params=[self._param(k, v) for k, v in params]
+        )
 
     async def log_path(self, run_id: str, path: str) -> None:
         """A file lands at the artifact root (as in the seed); a directory under its own name."""

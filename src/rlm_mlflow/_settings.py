@@ -74,8 +74,7 @@ class Settings:
                 values[f.name] = kind(raw)
             except ValueError:
                 raise ValueError(
-                    f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__} "
-                    f"(setting {f.name})"
+                    f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__} (setting {f.name})"
                 ) from None
         values.update(overrides)
         return cls(**values)

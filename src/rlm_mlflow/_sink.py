@@ -62,8 +62,10 @@ class MLflowSink:
             return
         if importlib.util.find_spec("mlflow") is None:
             self._unavailable = "unavailable: No module named 'mlflow'"
-            log.warning("mlflow is not installed; the MLflow sink does nothing",
-                        hint="pip install 'rlm-mlflow[mlflow]'")
+            log.warning(
+                "mlflow is not installed; the MLflow sink does nothing",
+                hint="pip install 'rlm-mlflow[mlflow]'",
+            )
             return
         s = self.settings
         self._buffer = Buffer(s.queue_size, wake_at=s.batch_size // 2, put_timeout=s.put_timeout)
@@ -127,8 +129,12 @@ class MLflowSink:
 
     def _hook_failed(self, hook: str, run_id: Any, exc: Exception) -> None:
         self._hook_errors += 1
-        log.warning("hook input rejected", hook=hook, run_id=str(run_id)[:200],
-                    error=f"{type(exc).__name__}: {str(exc)[:200]}")
+        log.warning(
+            "hook input rejected",
+            hook=hook,
+            run_id=str(run_id)[:200],
+            error=f"{type(exc).__name__}: {str(exc)[:200]}",
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 

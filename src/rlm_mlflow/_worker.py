@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -66,8 +67,9 @@ class Lane:
 
 
 class Worker:
-    def __init__(self, buffer: Buffer, settings: Settings, tracking_uri: str | None,
-                 experiment: str) -> None:
+    def __init__(
+        self, buffer: Buffer, settings: Settings, tracking_uri: str | None, experiment: str
+    ) -> None:
         self._buffer = buffer
         self._settings = settings
         self._tracking_uri = tracking_uri
@@ -119,10 +121,13 @@ class Worker:
             while True:
                 # Sleep until a full batch waits (the hooks wake us), a marker comes, or the
                 # flush interval passes; and while the lanes hold a whole queue's worth.
-                if (len(self._buffer) < self._buffer.wake_at
-                        or self._inflight() >= self._settings.queue_size):
+                if (
+                    len(self._buffer) < self._buffer.wake_at
+                    or self._inflight() >= self._settings.queue_size
+                ):
                     await anyio.to_thread.run_sync(
-                        self._buffer.wakeup.wait, self._settings.flush_interval,
+                        self._buffer.wakeup.wait,
+                        self._settings.flush_interval,
                         abandon_on_cancel=True,
                     )
                 self._buffer.wakeup.clear()
@@ -144,9 +149,13 @@ class Worker:
         while not self._abort:
             try:
                 adapter = await anyio.to_thread.run_sync(
-                    MlflowAdapter.connect_sync, self._tracking_uri, self._experiment,
-                    self._settings.request_timeout, self._settings.max_in_flight,
-                    self._settings.retry_deadline, self._on_retry,
+                    MlflowAdapter.connect_sync,
+                    self._tracking_uri,
+                    self._experiment,
+                    self._settings.request_timeout,
+                    self._settings.max_in_flight,
+                    self._settings.retry_deadline,
+                    self._on_retry,
                 )
             except ImportError as exc:
                 self.import_error = f"unavailable: {exc}"
@@ -155,16 +164,25 @@ class Worker:
                 return None
             except Exception as exc:
                 self._note_error("connect", exc)
-                log.warning("tracking store unreachable, retrying", retry_in=delay,
-                            tracking_uri=redact_uri(self._tracking_uri), error=str(exc))
+                log.warning(
+                    "tracking store unreachable, retrying",
+                    retry_in=delay,
+                    tracking_uri=redact_uri(self._tracking_uri),
+                    error=str(exc),
+                )
                 with anyio.move_on_after(delay):
-                    await anyio.to_thread.run_sync(self._buffer.wakeup.wait, delay,
-                                                   abandon_on_cancel=True)
+                    await anyio.to_thread.run_sync(
+                        self._buffer.wakeup.wait, delay, abandon_on_cancel=True
+                    )
                 delay = min(delay * 2, 10.0)
                 continue
             self.resolved_uri = redact_uri(adapter.tracking_uri)
-            log.info("connected", tracking_uri=self.resolved_uri,
-                     experiment=self._experiment, experiment_id=adapter.experiment_id)
+            log.info(
+                "connected",
+                tracking_uri=self.resolved_uri,
+                experiment=self._experiment,
+                experiment_id=adapter.experiment_id,
+            )
             return adapter
         return None
 
@@ -263,7 +281,8 @@ class Worker:
                 parent_mlflow_id = lane.parent.mlflow_id
             tags = batcher.run_tags(lane.run_id, parent_mlflow_id)
             lane.mlflow_id = await adapter.create_run(
-                lane.run_id, batcher.timestamp_ms(event.time), tags)
+                lane.run_id, batcher.timestamp_ms(event.time), tags
+            )
         except Exception as exc:
             self._fail(1, lane, "create_run", exc)
             return
@@ -299,7 +318,7 @@ class Worker:
             for chunk in batcher.step_chunks(rows, self._settings.batch_size):
                 tg.start_soon(self._send_chunk, lane, chunk)
 
-    async def _send_chunk(self, lane: Lane, rows: list[batcher.MetricRow]) -> None:
+    async def _send_chunk(self, lane: Lane, rows: Sequence[batcher.MetricRow]) -> None:
         assert lane.mlflow_id is not None
         events = len(rows) // len(batcher.STEP_METRICS)
         try:
@@ -325,13 +344,14 @@ class Worker:
                 failed.append(("log_batch", exc))
             failed.extend(await self._upload(lane, event))
         try:  # even when the rest failed: never leave an orphaned RUNNING run
-            await adapter.set_terminated(lane.mlflow_id, event.status,
-                                         batcher.timestamp_ms(event.time))
+            await adapter.set_terminated(
+                lane.mlflow_id, event.status, batcher.timestamp_ms(event.time)
+            )
         except Exception as exc:
             failed.append(("set_terminated", exc))
         if failed:
-            for what, exc in failed[:-1]:
-                self._note_error(what, exc)
+            for what, error in failed[:-1]:
+                self._note_error(what, error)
             self._fail(1, lane, *failed[-1])
         else:
             self.stats.delivered += 1
@@ -343,8 +363,9 @@ class Worker:
         path = os.fspath(event.run_path)
         if not os.path.exists(path):
             self.stats.skipped += 1
-            log.warning("run_path does not exist; no artifact logged", run_id=lane.run_id,
-                        run_path=path)
+            log.warning(
+                "run_path does not exist; no artifact logged", run_id=lane.run_id, run_path=path
+            )
             return []
         try:
             await self._ready_adapter().log_path(lane.mlflow_id, path)
@@ -360,14 +381,23 @@ class Worker:
 
     def _reject(self, event: Event, reason: str) -> None:
         self.stats.rejected += 1
-        log.warning("event rejected", run_id=getattr(event, "run_id", None),
-                    hook=_hook_name(event), reason=reason)
+        log.warning(
+            "event rejected",
+            run_id=getattr(event, "run_id", None),
+            hook=_hook_name(event),
+            reason=reason,
+        )
 
     def _fail(self, events: int, lane: Lane, what: str, exc: BaseException) -> None:
         self.stats.failed += events
         self._note_error(what, exc)
-        log.error("mlflow call failed", run_id=lane.run_id, call=what, events=events,
-                  error=self.stats.last_error)
+        log.error(
+            "mlflow call failed",
+            run_id=lane.run_id,
+            call=what,
+            events=events,
+            error=self.stats.last_error,
+        )
 
     def _note_error(self, what: str, exc: BaseException) -> None:
         self.stats.last_error = f"{what}: {type(exc).__name__}: {str(exc)[:500]}"
@@ -375,22 +405,33 @@ class Worker:
     def _on_retry(self, state: RetryCallState) -> None:
         self.stats.retried += 1
         exc = state.outcome.exception() if state.outcome else None
-        log.warning("mlflow call failed, retrying", attempt=state.attempt_number,
-                    retry_in=round(state.upcoming_sleep, 2), error=str(exc)[:300])
+        log.warning(
+            "mlflow call failed, retrying",
+            attempt=state.attempt_number,
+            retry_in=round(state.upcoming_sleep, 2),
+            error=str(exc)[:300],
+        )
 
     def _report_drops(self) -> None:
         burst = self._buffer.take_drop_burst()
         if burst:
-            log.warning("events dropped in the last burst", dropped=burst,
-                        total_dropped=self._buffer.dropped)
+            log.warning(
+                "events dropped in the last burst",
+                dropped=burst,
+                total_dropped=self._buffer.dropped,
+            )
 
     def _report_pending_at_exit(self) -> None:
         pending = self._inflight()
         if pending:
-            log.error("worker stopped with events undelivered", pending=pending,
-                      runs_open=sorted(self._open))
+            log.error(
+                "worker stopped with events undelivered",
+                pending=pending,
+                runs_open=sorted(self._open),
+            )
 
 
 def _hook_name(event: Event) -> str:
     return {RunStart: "on_run_start", Step: "on_step", RunEnd: "on_run_end"}.get(
-        type(event), "marker")
+        type(event), "marker"
+    )

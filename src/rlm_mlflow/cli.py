@@ -82,13 +82,25 @@ class Progress:
         sys.stderr.flush()
 
 
-def run_rlm(sink: MLflowSink, plan: Plan, run_id: str, path: str, depth: int,
-            parent: str | None, progress: Progress) -> None:
+def run_rlm(
+    sink: MLflowSink,
+    plan: Plan,
+    run_id: str,
+    path: str,
+    depth: int,
+    parent: str | None,
+    progress: Progress,
+) -> None:
     """One RLM run: deterministic rewards from (seed, position in the tree); at half-time a
     non-leaf run spawns two child runs in parallel threads and waits for them."""
     steps = plan.steps if depth == 0 else max(plan.steps >> depth, 1)
-    params: dict[str, Any] = {"max_steps": steps, "model": "synthetic", "seed": plan.seed,
-                              "depth": depth, "parent_run_id": parent}
+    params: dict[str, Any] = {
+        "max_steps": steps,
+        "model": "synthetic",
+        "seed": plan.seed,
+        "depth": depth,
+        "parent_run_id": parent,
+    }
     sink.on_run_start(run_id, task=plan.task, environment=plan.environment, params=params)
     rng = random.Random(f"{plan.seed}:{path}")
     trajectory = plan.run_dir / f"{run_id}.jsonl"
@@ -97,9 +109,18 @@ def run_rlm(sink: MLflowSink, plan: Plan, run_id: str, path: str, depth: int,
         for step in range(steps):
             if step == steps // 2 and depth < plan.depth:
                 children = [
-                    threading.Thread(target=run_rlm, args=(sink, plan, f"{run_id}.{i}",
-                                                           f"{path}.{i}", depth + 1, run_id,
-                                                           progress))
+                    threading.Thread(
+                        target=run_rlm,
+                        args=(
+                            sink,
+                            plan,
+                            f"{run_id}.{i}",
+                            f"{path}.{i}",
+                            depth + 1,
+                            run_id,
+                            progress,
+                        ),
+                    )
                     for i in range(2)
                 ]
                 for child in children:
@@ -109,8 +130,12 @@ def run_rlm(sink: MLflowSink, plan: Plan, run_id: str, path: str, depth: int,
             # A learning curve with noise: the reward drifts from ~0.2 up to ~0.8.
             reward = round(min(1.0, max(0.0, 0.2 + 0.6 * step / steps + rng.gauss(0, 0.1))), 4)
             cumulative += reward
-            event = {"step": step, "action": {"type": "code", "chars": rng.randint(20, 400)},
-                     "observation": {"success": reward > 0.5}, "reward": reward}
+            event = {
+                "step": step,
+                "action": {"type": "code", "chars": rng.randint(20, 400)},
+                "observation": {"success": reward > 0.5},
+                "reward": reward,
+            }
             out.write(json.dumps(event) + "\n")
             sink.on_step(run_id, event=event, cumulative_reward=cumulative)
             progress.advance()
@@ -122,14 +147,19 @@ def total_steps(steps: int, max_depth: int) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    tracking_uri = (
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    )
     sink = MLflowSink(True, experiment=args.experiment, tracking_uri=tracking_uri)
     plan = Plan(args.task, args.environment, args.steps, args.depth, args.seed, Path(args.run_dir))
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     batch = f"rlm-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     total = args.runs * total_steps(args.steps, args.depth)
-    print(f"{args.runs} run(s) of {args.steps} steps, depth {args.depth}: {total} steps "
-          f"-> {tracking_uri} (experiment {args.experiment})", file=sys.stderr)
+    print(
+        f"{args.runs} run(s) of {args.steps} steps, depth {args.depth}: {total} steps "
+        f"-> {tracking_uri} (experiment {args.experiment})",
+        file=sys.stderr,
+    )
     started = time.perf_counter()
     with Progress(total, sink) as progress:
         for k in range(args.runs):
@@ -139,10 +169,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     flush_s = time.perf_counter() - started - looped
     sink.close()
     status = sink.status()
-    print(f"loop {looped:.2f} s, then flush {flush_s:.2f} s "
-          f"({'complete' if flushed else 'TIMED OUT'}): delivered {status.get('delivered')} "
-          f"events, failed {status.get('failed')}, dropped {status.get('dropped')}, "
-          f"rejected {status.get('rejected')}")
+    print(
+        f"loop {looped:.2f} s, then flush {flush_s:.2f} s "
+        f"({'complete' if flushed else 'TIMED OUT'}): delivered {status.get('delivered')} "
+        f"events, failed {status.get('failed')}, dropped {status.get('dropped')}, "
+        f"rejected {status.get('rejected')}"
+    )
     print(f"runs: {batch}-0 .. {batch}-{args.runs - 1} in experiment '{args.experiment}'")
     print(f"trajectories: {plan.run_dir.resolve()}")
     if tracking_uri.startswith(("http://", "https://")):
@@ -163,22 +195,36 @@ def cmd_status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlm-mlflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a synthetic RLM benchmark loop that reports to MLflow",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="run a synthetic RLM benchmark loop that reports to MLflow",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     run.add_argument("--task", required=True, help="the task text (its length is logged)")
     run.add_argument("--environment", required=True, help="the RLM environment name")
     run.add_argument("--steps", type=int, required=True, help="steps per root run")
     run.add_argument("--runs", type=int, default=1, help="root runs, one after the other")
-    run.add_argument("--depth", type=int, default=0,
-                     help="recursion depth: each level spawns two child runs at half-time")
+    run.add_argument(
+        "--depth",
+        type=int,
+        default=0,
+        help="recursion depth: each level spawns two child runs at half-time",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of the reward generator")
-    run.add_argument("--tracking-uri", default=None,
-                     help=f"MLflow tracking URI (env MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})")
-    run.add_argument("--experiment", default=os.environ.get("DSPY_RLM_MLFLOW_EXPERIMENT")
-                     or "rlm-code-rlm", help="experiment (env DSPY_RLM_MLFLOW_EXPERIMENT)")
+    run.add_argument(
+        "--tracking-uri",
+        default=None,
+        help=f"MLflow tracking URI (env MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
+    )
+    run.add_argument(
+        "--experiment",
+        default=os.environ.get("DSPY_RLM_MLFLOW_EXPERIMENT") or "rlm-code-rlm",
+        help="experiment (env DSPY_RLM_MLFLOW_EXPERIMENT)",
+    )
     run.add_argument("--run-dir", default="rlm-runs", help="where trajectory JSONL files go")
-    run.add_argument("--flush-timeout", type=float, default=600.0,
-                     help="seconds to wait for delivery at the end")
+    run.add_argument(
+        "--flush-timeout", type=float, default=600.0, help="seconds to wait for delivery at the end"
+    )
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="print the sink's status() as configured by the env")
     status.set_defaults(func=cmd_status)

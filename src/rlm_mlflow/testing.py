@@ -6,6 +6,7 @@ busy for half a minute and can outlive a SIGTERM of the server); `stop` ends the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -56,8 +57,16 @@ class MlflowServer:
     def command(self) -> list[str]:
         mlflow = Path(sys.executable).with_name("mlflow")
         return [
-            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", str(self.workers), "--backend-store-uri", self.backend_store_uri,
+            str(mlflow),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            "--backend-store-uri",
+            self.backend_store_uri,
             *self.artifact_args,
         ]
 
@@ -66,8 +75,13 @@ class MlflowServer:
         env.pop("MLFLOW_TRACKING_URI", None)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                self.command(), env=env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                self.command(),
+                env=env,
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -99,10 +113,8 @@ class MlflowServer:
         except subprocess.TimeoutExpired:
             os.killpg(pgid, signal.SIGKILL)
             process.wait()
-        try:  # gunicorn/uvicorn children that ignored SIGTERM
+        with contextlib.suppress(ProcessLookupError):  # children that ignored SIGTERM
             os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -113,6 +125,10 @@ class MlflowServer:
     def __enter__(self) -> MlflowServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
