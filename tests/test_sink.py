@@ -269,6 +269,8 @@ def test_close_ends_runs_never_ended_as_killed(
     assert run.info.status == "KILLED"
     assert len(readback.history(run, "step_reward")) == 50
     assert "completed" not in run.data.metrics  # no summary was ever given
+    status = sink.status()  # the sink's own KILLED end is not counted as a caller's event
+    assert (status["delivered"], status["pending"], status["failed"]) == (51, 0, 0)
 
 
 def test_stored_time_is_the_hooks_time_not_the_send_time(

@@ -329,8 +329,10 @@ class Worker:
             self.stats.delivered += events
 
     async def _end(self, lane: Lane, event: RunEnd) -> None:
+        # A KILLED end is the sink's own (see _add_marker), not a caller's event: not counted.
+        events = 1 if event.status == "FINISHED" else 0
         if lane.mlflow_id is None:
-            self._fail(1, lane, "set_terminated", RuntimeError("the run was not created"))
+            self._fail(events, lane, "set_terminated", RuntimeError("the run was not created"))
             return
         adapter = self._ready_adapter()
         failed: list[tuple[str, Exception]] = []
@@ -352,9 +354,9 @@ class Worker:
         if failed:
             for what, error in failed[:-1]:
                 self._note_error(what, error)
-            self._fail(1, lane, *failed[-1])
+            self._fail(events, lane, *failed[-1])
         else:
-            self.stats.delivered += 1
+            self.stats.delivered += events
 
     async def _upload(self, lane: Lane, event: RunEnd) -> list[tuple[str, Exception]]:
         if event.run_path is None:
