@@ -46,6 +46,7 @@ def main() -> None:
         sink = MLflowSink(True, experiment="bench-hooks", tracking_uri=f"sqlite:///{tmp}/m.db")
         sink.on_run_start("run", task="t", environment="bench", params={})
         sink.flush()  # steady state: mlflow imported, store connected, run created
+
         # Distinct steps, built before timing: a loop makes its event dict anyway, and MLflow's
         # SQL store is slow on exact duplicate metrics (it falls back to row-by-row inserts).
         def on_step(i: int) -> None:
@@ -65,8 +66,10 @@ def main() -> None:
     print(f"{'contender':<10} {'median ns/call':>15} {'ratio to floor':>15}")
     print(f"{'floor':<10} {floor_ns:>15.0f} {1.0:>15.2f}")
     print(f"{'on_step':<10} {hook_ns:>15.0f} {hook_ns / floor_ns:>15.2f}")
-    print(f"({args.rounds} rounds x {args.calls} calls; all delivered: {flushed}; "
-          f"budget: on_step <= 5x floor)")
+    print(
+        f"({args.rounds} rounds x {args.calls} calls; all delivered: {flushed}; "
+        f"budget: on_step <= 5x floor)"
+    )
 
 
 if __name__ == "__main__":

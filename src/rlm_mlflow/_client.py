@@ -100,6 +100,9 @@ class MlflowAdapter:
         # would stack under it and stall a batch for minutes. A user's explicit setting wins.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(request_timeout))))
+        # set_terminated would print "View run ... at: URL" to the caller's stdout, from our
+        # thread, at a random moment of their output.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
