@@ -293,3 +293,26 @@ def test_stored_time_is_the_hooks_time_not_the_send_time(
     assert point.timestamp < int(sent_from * 1000) - 1400
     assert int(t0 * 1000) <= run.info.start_time <= int(t1 * 1000) + 1
     assert int(t1 * 1000) <= run.info.end_time <= int(t2 * 1000) + 1
+
+
+def test_bad_events_are_counted_and_their_neighbours_land(
+    tracking_uri: str, experiment: str, readback: Readback
+) -> None:
+    sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
+    sink.on_step("early", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+    sink.on_run_start("r", task="t", environment="e", params={})
+    for step in range(10):
+        reward: object = "high" if step == 4 else 1.0
+        sink.on_step("r", event={"step": step, "reward": reward}, cumulative_reward=1.0)
+    sink.on_step("r", event=None, cumulative_reward=1.0)  # type: ignore[arg-type]
+    sink.on_run_end("r", result=Result(True, 10, 9.0), run_path=None)
+    sink.on_run_end("r", result=Result(True, 10, 9.0), run_path=None)  # ended twice
+    assert sink.close(timeout=30)
+
+    run = readback.runs()["r"]
+    assert [m.step for m in readback.history(run, "step_reward")] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert run.info.status == "FINISHED"
+    status = sink.status()
+    # step before start, a non-numeric reward, an event that is not a mapping, a second end
+    assert status["rejected"] == 4
+    assert (status["delivered"], status["failed"], status["pending"]) == (11, 0, 0)

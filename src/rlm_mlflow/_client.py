@@ -103,7 +103,10 @@ class MlflowAdapter:
         # set_terminated would print "View run ... at: URL" to the caller's stdout, from our
         # thread, at a random moment of their output.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        from mlflow.tracking import MlflowClient
+        try:
+            from mlflow.tracking import MlflowClient
+        except Exception as exc:  # a broken install fails in many ways: all mean "unavailable"
+            raise ImportError(str(exc)) from exc
 
         client = MlflowClient(tracking_uri)
         return cls(client, _experiment_id(client, experiment), max_in_flight, deadline, on_retry)

@@ -35,7 +35,7 @@ class Settings:
         4, "log_batch calls in flight at once against a tracking server (1 for local stores)."
     )
     put_timeout: float = _setting(
-        0.5, "Seconds a hook may wait for room in a full buffer before the event is dropped."
+        5.0, "Seconds a hook may wait for room in a full buffer before the event is dropped."
     )
     retry_deadline: float = _setting(
         120.0, "Seconds a failing call is retried (transient errors only) before it is failed."

@@ -82,6 +82,7 @@ class Worker:
         self._busy: set[Lane] = set()  # lanes with unfinished events
         self._markers: list[tuple[Marker, dict[Lane, int]]] = []
         self._closing = False
+        self._rejections_logged: set[tuple[object, str]] = set()
         self._abort = False
         self._tg: TaskGroup | None = None
         self._thread = threading.Thread(target=self._thread_main, name="rlm-mlflow", daemon=True)
@@ -170,10 +171,11 @@ class Worker:
                     tracking_uri=redact_uri(self._tracking_uri),
                     error=str(exc),
                 )
-                with anyio.move_on_after(delay):
-                    await anyio.to_thread.run_sync(
-                        self._buffer.wakeup.wait, delay, abandon_on_cancel=True
-                    )
+                # Not woken by the hooks (they set the wakeup at every batch): a plain backoff,
+                # in short naps so that an abort from close() is seen quickly.
+                deadline = time.monotonic() + delay
+                while not self._abort and time.monotonic() < deadline:
+                    await anyio.sleep(0.1)
                 delay = min(delay * 2, 10.0)
                 continue
             self.resolved_uri = redact_uri(adapter.tracking_uri)
@@ -382,11 +384,17 @@ class Worker:
         return self._adapter
 
     def _reject(self, event: Event, reason: str) -> None:
+        """Count every rejection; log the first one per run and hook, not one per event."""
         self.stats.rejected += 1
+        key = (getattr(event, "run_id", None), _hook_name(event))
+        if key in self._rejections_logged:
+            return
+        if len(self._rejections_logged) < 10_000:
+            self._rejections_logged.add(key)
         log.warning(
-            "event rejected",
-            run_id=getattr(event, "run_id", None),
-            hook=_hook_name(event),
+            "event rejected; further rejections of this run and hook are only counted",
+            run_id=key[0],
+            hook=key[1],
             reason=reason,
         )
 
