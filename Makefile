@@ -27,5 +27,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
+# Hook cost against the deque-append floor, interleaved, medians and ratio.
+bench: $(STAMP)
+	$(PY) benchmarks/hook_cost.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
