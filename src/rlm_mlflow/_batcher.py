@@ -6,19 +6,29 @@ Metrics are plain ``(key, value, timestamp_ms, step)`` tuples; the client adapte
 
 from __future__ import annotations
 
+import math
+import numbers
+import posixpath
+import re
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ._event import RunEnd, RunStart, Step
 
 MetricRow = tuple[str, float, int, int]
+T = TypeVar("T")
 
 COMPONENT = "rlm-code-rlm"
 STEP_METRICS = ("step_reward", "cumulative_reward")
 #: MLflow's log_batch takes at most 100 params and tags per call.
 MAX_PARAMS_PER_BATCH = 100
-#: MLflow rejects longer param values.
+#: MLflow's limits on what it stores (mlflow/utils/validation.py).
 MAX_PARAM_VALUE_CHARS = 6000
+MAX_TAG_VALUE_CHARS = 8000
+MAX_KEY_CHARS = 250
+MAX_RUN_NAME_CHARS = 250
+MAX_STEP = 2**63 - 1
+_VALID_KEY = re.compile(r"[/\w.\- :]+")
 
 
 class BadInput(ValueError):
@@ -26,23 +36,34 @@ class BadInput(ValueError):
 
 
 def as_metric_value(value: Any, name: str) -> float:
-    """The seed's reading (``float(x or 0.0)``), but a non-number is an error, not a crash."""
+    """A finite real number (numpy scalars too); None, bools, strings, NaN and inf are refused.
+
+    The seed read a missing reward as 0.0; we refuse it instead, so that a curve never shows a
+    point the loop did not produce.
+    """
     if value is None:
-        return 0.0
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise BadInput(f"{name} is not a number: {value!r:.80}") from None
+        raise BadInput(f"{name} is missing")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise BadInput(f"{name} is not a number: {value!r:.80}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise BadInput(f"{name} is not finite: {number}")
+    return number
 
 
 def as_step(value: Any) -> int:
+    """A non-negative integer (an integral float or a numpy integer too) within MLflow's int64."""
     if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise BadInput("step is missing")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise BadInput(f"step is not an integer: {value!r:.80}")
-    if value < 0:
-        raise BadInput(f"step is negative: {value!r}")
-    return int(value)
+    number = float(value)
+    if not isinstance(value, numbers.Integral) and not number.is_integer():
+        raise BadInput(f"step is not an integer: {value!r:.80}")
+    step = int(value) if isinstance(value, numbers.Integral) else int(number)
+    if not 0 <= step <= MAX_STEP:
+        raise BadInput(f"step is out of range (0 to 2**63 - 1): {step}")
+    return step
 
 
 def timestamp_ms(seconds: float) -> int:
@@ -64,50 +85,89 @@ def step_rows(event: Step) -> tuple[MetricRow, MetricRow]:
     )
 
 
-def step_chunks(rows: Sequence[MetricRow], batch_size: int) -> Iterator[Sequence[MetricRow]]:
-    """Split step rows into log_batch-sized slices that never split one step's metrics."""
-    size = batch_size - batch_size % len(STEP_METRICS)
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+def unit_batches(units: Sequence[T], batch_size: int, rows_per_unit: int = 2) -> Iterator[list[T]]:
+    """Split into log_batch-sized parts; a unit (one step's metrics) is never split."""
+    size = max(1, batch_size // rows_per_unit)
+    for start in range(0, len(units), size):
+        yield list(units[start : start + size])
 
 
-def summary_rows(event: RunEnd) -> list[MetricRow]:
-    """The seed's three summary metrics; logged without a step, as ``log_metrics`` does."""
+def summary_rows(event: RunEnd) -> tuple[list[MetricRow], list[str]]:
+    """The seed's three summary metrics, logged without a step as ``log_metrics`` does.
+
+    Returns the rows and, for each summary value that is not a finite number, why it was left
+    out; the others are still logged.
+    """
     ts = timestamp_ms(event.time)
-    return [
-        ("completed", 1.0 if event.completed else 0.0, ts, 0),
-        ("steps", as_metric_value(event.steps, "steps"), ts, 0),
-        ("total_reward", as_metric_value(event.total_reward, "total_reward"), ts, 0),
-    ]
+    rows: list[MetricRow] = [("completed", 1.0 if event.completed else 0.0, ts, 0)]
+    problems: list[str] = []
+    for key, value in (("steps", event.steps), ("total_reward", event.total_reward)):
+        try:
+            rows.append((key, as_metric_value(value, key), ts, 0))
+        except BadInput as exc:
+            problems.append(str(exc))
+    return rows, problems
 
 
 def is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
 
-def run_params(event: RunStart) -> tuple[dict[str, str], list[str]]:
+def key_problem(key: Any) -> str | None:
+    """Why MLflow would refuse ``key`` as a param or tag name, or None."""
+    if not isinstance(key, str) or not key:
+        return f"key is not a non-empty string: {key!r:.80}"
+    if len(key) > MAX_KEY_CHARS:
+        return f"key longer than {MAX_KEY_CHARS} characters"
+    if not _VALID_KEY.fullmatch(key):
+        return f"key {key!r:.80} has characters MLflow refuses (allowed: letters, digits, _-./: )"
+    normalized = posixpath.normpath(key)
+    if normalized != key or normalized == "." or key.startswith(("..", "/")):
+        return f"key {key!r:.80} is not a plain path"
+    return None
+
+
+def run_params(event: RunStart) -> tuple[dict[str, str], dict[str, str]]:
     """The seed's params: every scalar param, then ``environment`` and ``task_chars``.
 
-    Returns the params as MLflow stores them (strings) and the names that were skipped:
-    non-scalars (as the seed does) and values longer than MLflow accepts.
+    Returns the params as MLflow stores them (strings) and the skipped ones with the reason:
+    non-scalars (as the seed does), keys MLflow refuses, values longer than it accepts.
     """
     params: dict[str, str] = {}
-    skipped: list[str] = []
+    skipped: dict[str, str] = {}
     merged = {**event.params, "environment": event.environment, "task_chars": event.task_chars}
     for key, value in merged.items():
-        text = str(value)
-        if not is_scalar(value) or len(text) > MAX_PARAM_VALUE_CHARS:
-            skipped.append(str(key))
+        problem = key_problem(key)
+        if problem is None and not is_scalar(value):
+            problem = f"not a scalar ({type(value).__name__})"
+        if problem is None and len(text := str(value)) > MAX_PARAM_VALUE_CHARS:
+            problem = f"value longer than {MAX_PARAM_VALUE_CHARS} characters ({len(text)})"
+        if problem is not None:
+            skipped[str(key)[:MAX_KEY_CHARS]] = problem
             continue
-        params[str(key)] = text
+        params[key] = str(value)
     return params, skipped
 
 
-def run_tags(run_id: str, parent_mlflow_id: str | None) -> dict[str, str]:
-    tags = {"run_id": run_id, "component": COMPONENT, "mlflow.runName": run_id}
+#: Tag that lets a replay find the run it created before a crash (see `RunStart.key`).
+RUN_KEY_TAG = "rlm_mlflow.run_key"
+
+
+def run_tags(run_id: str, parent_mlflow_id: str | None, key: str) -> dict[str, str]:
+    """The seed's tags, the run name, the parent link and the run key; cut to MLflow's limits."""
+    tags = {
+        "run_id": run_id[:MAX_TAG_VALUE_CHARS],
+        "component": COMPONENT,
+        "mlflow.runName": run_name(run_id),
+        RUN_KEY_TAG: key,
+    }
     if parent_mlflow_id is not None:
         tags["mlflow.parentRunId"] = parent_mlflow_id
     return tags
+
+
+def run_name(run_id: str) -> str:
+    return run_id[:MAX_RUN_NAME_CHARS]
 
 
 def param_batches(params: dict[str, str]) -> Iterator[list[tuple[str, str]]]:

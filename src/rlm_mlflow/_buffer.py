@@ -15,15 +15,18 @@ from collections import deque
 
 import structlog
 
-from ._event import Event, Marker
+from ._event import Event, Marker, Step
 
 log = structlog.get_logger("rlm_mlflow")
 
 
 class Buffer:
-    def __init__(self, maxsize: int, wake_at: int, put_timeout: float) -> None:
+    def __init__(
+        self, maxsize: int, wake_at: int, put_timeout: float, policy: str = "block"
+    ) -> None:
         self._queue: deque[Event] = deque()
-        self._maxsize = maxsize
+        self._maxsize = self._capacity = maxsize
+        self._policy = policy
         self.wake_at = wake_at
         self._put_timeout = put_timeout
         self.wakeup = threading.Event()
@@ -51,30 +54,49 @@ class Buffer:
         self.wakeup.set()
 
     def _put_when_full(self, event: Event) -> None:
+        """The slow path: the policy chosen in ``when_full`` decides, under the lock."""
         with self._room:
-            if not self._closed:
-                deadline = time.monotonic() + self._put_timeout
-                self._waiting += 1
-                try:
-                    while len(self._queue) >= self._maxsize and not self._closed:
-                        self.wakeup.set()
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0 or not self._room.wait(remaining):
-                            break
-                finally:
-                    self._waiting -= 1
-                if len(self._queue) < self._maxsize and not self._closed:
-                    self._queue.append(event)
-                    return
-            self.dropped += 1
-            self._burst += 1
-            if self._burst == 1:
-                log.warning(
-                    "events dropped",
-                    reason="sink closed" if self._closed else "buffer full",
-                    queue_size=self._maxsize,
-                    put_timeout=self._put_timeout,
-                )
+            if self._closed:
+                self._drop("sink closed")
+                return
+            if len(self._queue) < self._maxsize:  # the worker drained meanwhile
+                self._queue.append(event)
+                return
+            if self._policy == "drop_oldest" and isinstance(self._queue[0], Step):
+                self._queue.popleft()  # only a step: a dropped start or end would orphan a run
+                self._queue.append(event)
+                self._drop("buffer full, dropped the oldest step")
+                return
+            if self._policy == "block" and self._wait_for_room():
+                self._queue.append(event)
+                return
+            self._drop("buffer full")
+
+    def _wait_for_room(self) -> bool:
+        deadline = time.monotonic() + self._put_timeout
+        self._waiting += 1
+        try:
+            while len(self._queue) >= self._maxsize and not self._closed:
+                self.wakeup.set()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._room.wait(remaining):
+                    break
+        finally:
+            self._waiting -= 1
+        return len(self._queue) < self._maxsize and not self._closed
+
+    def _drop(self, reason: str) -> None:
+        """Count a drop; log only the first of a burst (the worker logs the burst's size)."""
+        self.dropped += 1
+        self._burst += 1
+        if self._burst == 1:
+            log.warning(
+                "events dropped",
+                reason=reason,
+                policy=self._policy,
+                queue_size=self._capacity,
+                put_timeout=self._put_timeout,
+            )
 
     def drain(self, limit: int) -> list[Event]:
         """Take up to ``limit`` events, oldest first, and let blocked producers in."""

@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import anyio.to_thread
@@ -28,7 +27,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ._batcher import MetricRow
+from ._batcher import RUN_KEY_TAG, MetricRow
 
 log = structlog.get_logger("rlm_mlflow")
 T = TypeVar("T")
@@ -46,17 +45,6 @@ def is_transient(exc: BaseException) -> bool:
         return status() in TRANSIENT_HTTP
     cause = exc.__cause__ or exc.__context__
     return cause is not None and is_transient(cause)
-
-
-def redact_uri(uri: str | None) -> str | None:
-    """Drop the password from ``scheme://user:pass@host`` so it never reaches logs or status()."""
-    if not uri or "@" not in uri:
-        return uri
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def is_http(uri: str) -> bool:
@@ -97,8 +85,10 @@ class MlflowAdapter:
     ) -> MlflowAdapter:
         """Import mlflow, build the client and find or create the experiment (blocking)."""
         # Our tenacity policy does the retrying: MLflow's own HTTP retries (7 tries, ~4 min)
-        # would stack under it and stall a batch for minutes. A user's explicit setting wins.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        # would stack under it and stall a batch for minutes. One inner retry stays: it is
+        # where urllib3 honours a 429/503's Retry-After, which never reaches us otherwise.
+        # A user's explicit setting wins.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(request_timeout))))
         # set_terminated would print "View run ... at: URL" to the caller's stdout, from our
         # thread, at a random moment of their output.
@@ -136,6 +126,16 @@ class MlflowAdapter:
             run_name=run_name,
         )
         return str(run.info.run_id)
+
+    async def find_run(self, key: str) -> str | None:
+        """The run a previous life of this journal created for ``key``, if any."""
+        runs = await self.call(
+            self._client.search_runs,
+            [self.experiment_id],
+            filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
+            max_results=1,
+        )
+        return str(runs[0].info.run_id) if runs else None
 
     async def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:
         await self.call(self._log_metrics_sync, run_id, rows)

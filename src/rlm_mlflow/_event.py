@@ -17,6 +17,7 @@ class RunStart(NamedTuple):
     environment: str
     task_chars: int
     params: dict[str, Any]  # a shallow copy taken in the hook
+    key: str  # unique per start: a replay finds the run it already created by this tag
 
 
 class Step(NamedTuple):
@@ -38,13 +39,19 @@ class RunEnd(NamedTuple):
 
 
 class Marker:
-    """Put in the buffer by ``flush``/``close``; done once all events before it are finished."""
+    """Put in the buffer by ``flush``/``close``; done once all events before it are finished.
 
-    __slots__ = ("closing", "done")
+    The worker also places its own markers after each journalled drain (``ack``): when one is
+    done, the journal may release everything before that position.
+    """
 
-    def __init__(self, closing: bool = False) -> None:
+    __slots__ = ("ack", "closing", "done")
+
+    def __init__(self, closing: bool = False, ack: Any = None) -> None:
         self.closing = closing
+        self.ack = ack
         self.done = threading.Event()
 
 
-Event = RunStart | Step | RunEnd | Marker
+RunEvent = RunStart | Step | RunEnd  # what the hooks make, and the journal keeps
+Event = RunEvent | Marker

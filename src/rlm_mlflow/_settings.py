@@ -10,6 +10,9 @@ from typing import Any
 
 ENV_PREFIX = "DSPY_RLM_MLFLOW_"
 
+#: The full-buffer policies (see `Settings.when_full`).
+WHEN_FULL = ("block", "drop_newest", "drop_oldest", "spill")
+
 #: MLflow rejects a ``log_batch`` call with more than this many metrics.
 MLFLOW_MAX_METRICS_PER_BATCH = 1000
 
@@ -46,14 +49,46 @@ class Settings:
     close_timeout: float = _setting(
         30.0, "Seconds flush() and close() (also the close at interpreter exit) wait by default."
     )
+    when_full: str = _setting(
+        "block",
+        "What a hook does when the buffer is full: block (up to put_timeout, then drop), "
+        "drop_newest, drop_oldest, or spill (to the spool; needs spool_dir).",
+    )
+    spool_dir: str = _setting(
+        "", "Directory of the write-ahead journal; empty: no journal (events live in memory)."
+    )
+    spool_max_bytes: int = _setting(
+        1 << 30, "Size cap of this process's journal; past it the when_full policy applies."
+    )
+    dead_letter_file: str = _setting(
+        "",
+        "JSONL file of what MLflow refused; empty: dead-letter.jsonl in spool_dir, "
+        "else rlm-mlflow-dead-letter.jsonl in the working directory.",
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.type == "str":
+                if not isinstance(value, str):
+                    raise ValueError(
+                        f"{f.name} (env {env_name(f.name)}) must be a string, got {value!r}"
+                    )
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(
                     f"{f.name} (env {env_name(f.name)}) must be a positive number, got {value!r}"
                 )
+        if self.when_full not in WHEN_FULL:
+            raise ValueError(
+                f"when_full (env {env_name('when_full')}) must be one of "
+                f"{', '.join(WHEN_FULL)}, got {self.when_full!r}"
+            )
+        if self.when_full == "spill" and not self.spool_dir:
+            raise ValueError(
+                f"when_full=spill (env {env_name('when_full')}) needs a spool directory "
+                f"(env {env_name('spool_dir')})"
+            )
         if self.batch_size > MLFLOW_MAX_METRICS_PER_BATCH or self.batch_size < 2:
             raise ValueError(
                 f"batch_size (env {env_name('batch_size')}) must be between 2 and "
@@ -67,9 +102,9 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(env_name(f.name))
-            if raw is None or raw.strip() == "":
+            if raw is None or (raw.strip() == "" and f.type != "str"):
                 continue
-            kind = int if isinstance(f.default, int) else float
+            kind = {"int": int, "float": float, "str": str}[str(f.type)]
             try:
                 values[f.name] = kind(raw)
             except ValueError:

@@ -14,13 +14,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from time import time
 from typing import Any
+from uuid import uuid4
 
 import structlog
 
 from ._buffer import Buffer
-from ._client import redact_uri
+from ._deadletter import DeadLetters
 from ._event import Marker, RunEnd, RunStart, Step
+from ._redact import redact_text, redact_uri
 from ._settings import Settings, parse_bool
+from ._spool import Journal, journal_meta
+from ._sync import SyncSummary, sync
 from ._worker import Worker
 
 log = structlog.get_logger("rlm_mlflow")
@@ -58,6 +62,8 @@ class MLflowSink:
         self._hook_errors = 0
         self._close_lock = threading.Lock()
         self._close_marker: Marker | None = None  # set once, by the first close()
+        self._replayer: threading.Thread | None = None
+        self.replayed: SyncSummary | None = None  # what the start-up replay of the spool did
         if not enabled:
             return
         if importlib.util.find_spec("mlflow") is None:
@@ -68,10 +74,36 @@ class MLflowSink:
             )
             return
         s = self.settings
-        self._buffer = Buffer(s.queue_size, wake_at=s.batch_size // 2, put_timeout=s.put_timeout)
-        self._worker = Worker(self._buffer, s, tracking_uri, experiment)
+        self.dead_letters = DeadLetters(_dead_letter_path(s))
+        journal = None
+        if s.spool_dir:
+            journal = Journal(
+                Path(s.spool_dir), s.spool_max_bytes, journal_meta(experiment, tracking_uri)
+            )
+            self._replayer = threading.Thread(
+                target=self._replay_orphans, name="rlm-mlflow-sync", daemon=True
+            )
+            self._replayer.start()
+        self._buffer = Buffer(s.queue_size, s.batch_size // 2, s.put_timeout, s.when_full)
+        self._worker = Worker(
+            self._buffer,
+            s,
+            tracking_uri,
+            experiment,
+            dead_letters=self.dead_letters,
+            journal=journal,
+        )
         self._worker.start()
         _live_sinks.add(self)
+
+    def _replay_orphans(self) -> None:
+        """Deliver what dead processes left in the spool (runs beside the live worker)."""
+        try:
+            self.replayed = sync(
+                Path(self.settings.spool_dir), self.tracking_uri, self.settings, self.dead_letters
+            )
+        except Exception as exc:  # never into the caller; say it
+            log.exception("replay of the spool failed", error=redact_text(str(exc)))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MLflowSink:
@@ -94,7 +126,7 @@ class MLflowSink:
         if buffer is None:
             return
         try:
-            buffer.put(RunStart(run_id, time(), environment, len(task), dict(params)))
+            buffer.put(RunStart(run_id, time(), environment, len(task), dict(params), uuid4().hex))
         except Exception as exc:
             self._hook_failed("on_run_start", run_id, exc)
 
@@ -167,6 +199,8 @@ class MLflowSink:
         self._buffer.close()
         done = self._wait(marker, timeout, "close")
         self._worker.abort(join_timeout=5.0)  # a no-op join when it already stopped
+        if self._replayer is not None:
+            self._replayer.join(timeout if timeout is not None else self.settings.close_timeout)
         _live_sinks.discard(self)
         return done
 
@@ -220,12 +254,22 @@ class MLflowSink:
             retried=stats.retried,
             dropped=buffer.dropped + stats.discarded,
             rejected=stats.rejected + self._hook_errors,
+            dead_lettered=stats.dead_lettered,
             failed=stats.failed,
+            spooled=stats.spooled,
             skipped=stats.skipped,
             last_error=stats.last_error,
             closed=self._close_marker is not None,
         )
         return status
+
+
+def _dead_letter_path(settings: Settings) -> Path:
+    if settings.dead_letter_file:
+        return Path(settings.dead_letter_file)
+    if settings.spool_dir:
+        return Path(settings.spool_dir) / "dead-letter.jsonl"
+    return Path("rlm-mlflow-dead-letter.jsonl").absolute()
 
 
 def _field(result: Any, name: str, default: Any) -> Any:

@@ -1,13 +1,13 @@
 """The worker: one anyio event loop in one background thread.
 
-It drains the buffer, routes events to one *lane* per run, and each lane sends its events in
-order: the run is created before any batch of it is sent, step batches go out concurrently (up
-to the adapter's in-flight limit), and the run is terminated only after all of them finished.
-Lanes of different runs never wait on each other, except a child run's creation, which waits
-for its parent's so that it can carry the ``mlflow.parentRunId`` tag.
+It drains the buffer (journalling each drain first when a spool is set), routes events to one
+*lane* per run, and each lane sends its events in order: the run is created before any batch
+of it is sent, step batches go out concurrently (up to the adapter's in-flight limit), and the
+run is terminated only after all of them finished. Lanes of different runs never wait on each
+other, except a child run's creation, which waits for its parent's so that it can carry the
+``mlflow.parentRunId`` tag.
 
-Every event that leaves the buffer ends in exactly one counter of `Stats`: delivered, rejected
-(bad input), failed (MLflow refused or stayed unreachable past the retry deadline) or dropped.
+Every event that leaves the buffer ends in exactly one counter of `Stats`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -27,11 +28,17 @@ from tenacity import RetryCallState
 
 from . import _batcher as batcher
 from ._buffer import Buffer
-from ._client import MlflowAdapter, redact_uri
-from ._event import Event, Marker, RunEnd, RunStart, Step
+from ._client import MlflowAdapter, is_transient
+from ._deadletter import DeadLetters
+from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
+from ._redact import redact_text, redact_uri
 from ._settings import Settings
+from ._spool import Journal, Position
 
 log = structlog.get_logger("rlm_mlflow")
+U = TypeVar("U")
+
+StepUnit = tuple[batcher.MetricRow, batcher.MetricRow]  # one step event's two metrics
 
 
 @dataclass
@@ -40,8 +47,10 @@ class Stats:
 
     drained: int = 0
     delivered: int = 0
-    rejected: int = 0
-    failed: int = 0
+    rejected: int = 0  # bad input, refused before sending
+    dead_lettered: int = 0  # refused by MLflow for good; written to the dead-letter file
+    failed: int = 0  # transient failure past the retry deadline, no spool: lost
+    spooled: int = 0  # transient failure past the deadline (or close): kept in the journal
     discarded: int = 0  # drained while mlflow is unavailable
     retried: int = 0
     skipped: int = 0  # parts of an event not logged: non-scalar params, a missing run path
@@ -49,39 +58,65 @@ class Stats:
 
     @property
     def finished(self) -> int:
-        return self.delivered + self.rejected + self.failed + self.discarded
+        return (
+            self.delivered
+            + self.rejected
+            + self.dead_lettered
+            + self.failed
+            + self.spooled
+            + self.discarded
+        )
 
 
 @dataclass(eq=False)
 class Lane:
     """One run's ordered stream of events on its way to MLflow."""
 
-    run_id: str
+    start: RunStart
     parent: Lane | None
     created: anyio.Event = field(default_factory=anyio.Event)
     mlflow_id: str | None = None
+    start_error: BaseException | None = None
+    seen_steps: set[int] = field(default_factory=set)
     pending: list[Event] = field(default_factory=list)
     enqueued: int = 0
     completed: int = 0  # advanced only when a whole batch of pending events is done
     running: bool = False
 
+    @property
+    def run_id(self) -> str:
+        return self.start.run_id
+
 
 class Worker:
     def __init__(
-        self, buffer: Buffer, settings: Settings, tracking_uri: str | None, experiment: str
+        self,
+        buffer: Buffer,
+        settings: Settings,
+        tracking_uri: str | None,
+        experiment: str,
+        *,
+        dead_letters: DeadLetters,
+        journal: Journal | None = None,
+        replaying: bool = False,
     ) -> None:
         self._buffer = buffer
         self._settings = settings
         self._tracking_uri = tracking_uri
         self._experiment = experiment
+        self._dead_letters = dead_letters
+        self._journal = journal
+        self._replaying = replaying  # a run may already exist: look it up by its key first
         self.stats = Stats()
         self.import_error: str | None = None
         self.resolved_uri: str | None = None
         self._adapter: MlflowAdapter | None = None
+        self._connected_event: anyio.Event  # made in _main: anyio objects need the loop
         self._open: dict[str, Lane] = {}  # started, end not yet routed
         self._busy: set[Lane] = set()  # lanes with unfinished events
         self._markers: list[tuple[Marker, dict[Lane, int]]] = []
         self._closing = False
+        self._hold_acks = False  # something is kept for a later replay: the journal must stay
         self._rejections_logged: set[tuple[object, str]] = set()
         self._abort = False
         self._tg: TaskGroup | None = None
@@ -116,16 +151,14 @@ class Worker:
                 marker.done.set()
 
     async def _main(self) -> None:
-        self._adapter = await self._connect()
+        self._connected_event = anyio.Event()
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            tg.start_soon(self._connect)
             while True:
                 # Sleep until a full batch waits (the hooks wake us), a marker comes, or the
-                # flush interval passes; and while the lanes hold a whole queue's worth.
-                if (
-                    len(self._buffer) < self._buffer.wake_at
-                    or self._inflight() >= self._settings.queue_size
-                ):
+                # flush interval passes; and while the lanes (or the journal) are full.
+                if len(self._buffer) < self._buffer.wake_at or self._no_room():
                     await anyio.to_thread.run_sync(
                         self._buffer.wakeup.wait,
                         self._settings.flush_interval,
@@ -135,70 +168,115 @@ class Worker:
                 if self._abort:
                     tg.cancel_scope.cancel()
                     break
-                room = self._settings.queue_size - self._inflight()
-                for event in self._buffer.drain(max(room, 0)):
-                    self._route(event)
+                if not self._no_room():
+                    self._route_all(
+                        self._buffer.drain(self._settings.queue_size - self._inflight())
+                    )
                 self._report_drops()
                 if self._closing and not self._busy and len(self._buffer) == 0:
+                    tg.cancel_scope.cancel()  # the connect task, if it never got through
                     break
                 await anyio.lowlevel.checkpoint()  # let the lanes run between drains
-        self._report_pending_at_exit()
+        self._finish()
 
-    async def _connect(self) -> MlflowAdapter | None:
-        """Import mlflow and reach the store; retried until it works or the sink is closed."""
-        delay = 0.5
-        while not self._abort:
-            try:
-                adapter = await anyio.to_thread.run_sync(
-                    MlflowAdapter.connect_sync,
-                    self._tracking_uri,
-                    self._experiment,
-                    self._settings.request_timeout,
-                    self._settings.max_in_flight,
-                    self._settings.retry_deadline,
-                    self._on_retry,
-                )
-            except ImportError as exc:
-                self.import_error = f"unavailable: {exc}"
-                log.error("mlflow cannot be imported; events are discarded", error=str(exc))
-                self._buffer.close()
-                return None
-            except Exception as exc:
-                self._note_error("connect", exc)
-                log.warning(
-                    "tracking store unreachable, retrying",
-                    retry_in=delay,
-                    tracking_uri=redact_uri(self._tracking_uri),
-                    error=str(exc),
-                )
-                # Not woken by the hooks (they set the wakeup at every batch): a plain backoff,
-                # in short naps so that an abort from close() is seen quickly.
-                deadline = time.monotonic() + delay
-                while not self._abort and time.monotonic() < deadline:
-                    await anyio.sleep(0.1)
-                delay = min(delay * 2, 10.0)
-                continue
-            self.resolved_uri = redact_uri(adapter.tracking_uri)
-            log.info(
-                "connected",
-                tracking_uri=self.resolved_uri,
-                experiment=self._experiment,
-                experiment_id=adapter.experiment_id,
-            )
-            return adapter
-        return None
+    def _no_room(self) -> bool:
+        journal_full = self._journal is not None and self._journal.full()
+        return journal_full or self._inflight() >= self._settings.queue_size
 
     def _inflight(self) -> int:
         return self.stats.drained - self.stats.finished
 
+    async def _connect(self) -> None:
+        """Import mlflow and reach the store; retried until it works or the sink is closed.
+
+        The loop drains (and journals) meanwhile: a server that is down at start costs
+        nothing but the wait.
+        """
+        delay = 0.5
+        try:
+            while True:
+                try:
+                    self._adapter = await anyio.to_thread.run_sync(
+                        MlflowAdapter.connect_sync,
+                        self._tracking_uri,
+                        self._experiment,
+                        self._settings.request_timeout,
+                        self._settings.max_in_flight,
+                        self._settings.retry_deadline,
+                        self._on_retry,
+                        abandon_on_cancel=True,
+                    )
+                    break
+                except ImportError as exc:
+                    self.import_error = f"unavailable: {exc}"
+                    log.error("mlflow cannot be imported; events are discarded", error=str(exc))
+                    self._buffer.close()
+                    return
+                except Exception as exc:
+                    self._note_error("connect", exc)
+                    log.warning(
+                        "tracking store unreachable, retrying",
+                        retry_in=delay,
+                        tracking_uri=redact_uri(self._tracking_uri),
+                        error=redact_text(str(exc))[:300],
+                    )
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            self.resolved_uri = redact_uri(self._adapter.tracking_uri)
+            log.info(
+                "connected",
+                tracking_uri=self.resolved_uri,
+                experiment=self._experiment,
+                experiment_id=self._adapter.experiment_id,
+            )
+        finally:
+            self._connected_event.set()
+
+    def _finish(self) -> None:
+        """After the loop: account for what never got out, and settle the journal."""
+        if self._journal is not None:
+            leftover: list[RunEvent] = [
+                e for e in self._buffer.drain(len(self._buffer)) if not isinstance(e, Marker)
+            ]
+            if leftover:  # closed before these were drained: keep them for a replay
+                self._journal.append(leftover)
+                self.stats.drained += len(leftover)
+            pending = self._inflight()
+            if pending:
+                self.stats.spooled += pending
+                self._hold_acks = True
+                log.warning(
+                    "events kept in the spool for a later sync",
+                    events=pending,
+                    journal=str(self._journal.dir),
+                )
+            self._journal.close(remove=not self._hold_acks)
+        elif pending := self._inflight():
+            self.stats.failed += pending
+            log.error(
+                "worker stopped with events undelivered; they are lost (no spool)",
+                events=pending,
+                runs_open=sorted(self._open),
+            )
+
     # -- routing (event loop thread, in buffer order) --------------------------------------------
+
+    def _route_all(self, drained: list[Event]) -> None:
+        events: list[RunEvent] = [e for e in drained if not isinstance(e, Marker)]
+        position: Position | None = None
+        if self._journal is not None and events and self.import_error is None:
+            position = self._journal.append(events)
+        for event in drained:
+            self._route(event)
+        if position is not None and not self._hold_acks:
+            self._add_marker(Marker(ack=(position, [lane.start for lane in self._open.values()])))
 
     def _route(self, event: Event) -> None:
         if isinstance(event, Marker):
             self._add_marker(event)
             return
         self.stats.drained += 1
-        if self._adapter is None:
+        if self.import_error is not None:
             self.stats.discarded += 1
             return
         lane = self._open.get(event.run_id)
@@ -206,15 +284,22 @@ class Worker:
             if lane is not None:
                 self._reject(event, "on_run_start for a run that is already open")
                 return
+            if not isinstance(event.run_id, str) or not event.run_id:
+                self._reject(event, f"run_id is not a non-empty string: {event.run_id!r:.80}")
+                return
             parent_id = event.params.get("parent_run_id")
-            lane = Lane(event.run_id, parent=self._open.get(str(parent_id)) if parent_id else None)
-            self._open[event.run_id] = lane
+            parent = self._open.get(str(parent_id)) if parent_id else None
+            lane = self._open[event.run_id] = Lane(event, parent)
         elif lane is None:
             self._reject(event, f"{_hook_name(event)} for a run that is not open")
             return
         elif isinstance(event, RunEnd):
             del self._open[event.run_id]
         self._enqueue(lane, event)
+
+    def restore_open_run(self, start: RunStart) -> None:
+        """Replay: a run that was open at the journal's acknowledged position."""
+        self._route(start)
 
     def _enqueue(self, lane: Lane, event: Event) -> None:
         lane.pending.append(event)
@@ -242,6 +327,8 @@ class Worker:
             marker, waits = entry
             if all(lane.completed >= n for lane, n in waits.items()):
                 self._markers.remove(entry)
+                if marker.ack is not None and self._journal is not None and not self._hold_acks:
+                    self._journal.ack(*marker.ack)
                 marker.done.set()
                 if marker.closing:
                     self._buffer.wakeup.set()
@@ -249,9 +336,15 @@ class Worker:
     # -- sending (one task per busy lane) --------------------------------------------------------
 
     async def _drive(self, lane: Lane) -> None:
+        await self._connected_event.wait()
         while lane.pending:
             batch, lane.pending = lane.pending, []
-            await self._send(lane, batch)
+            if self._adapter is None:  # mlflow could not be imported
+                self.stats.discarded += sum(
+                    1 for e in batch if not (isinstance(e, RunEnd) and e.status == "KILLED")
+                )
+            else:
+                await self._send(lane, batch)
             lane.completed += len(batch)
             if lane.completed == lane.enqueued:
                 self._busy.discard(lane)
@@ -281,82 +374,121 @@ class Worker:
             if lane.parent is not None:
                 await lane.parent.created.wait()
                 parent_mlflow_id = lane.parent.mlflow_id
-            tags = batcher.run_tags(lane.run_id, parent_mlflow_id)
-            lane.mlflow_id = await adapter.create_run(
-                lane.run_id, batcher.timestamp_ms(event.time), tags
-            )
+            if self._replaying:
+                lane.mlflow_id = await adapter.find_run(event.key)
+            if lane.mlflow_id is None:
+                tags = batcher.run_tags(lane.run_id, parent_mlflow_id, event.key)
+                lane.mlflow_id = await adapter.create_run(
+                    batcher.run_name(lane.run_id), batcher.timestamp_ms(event.time), tags
+                )
         except Exception as exc:
-            self._fail(1, lane, "create_run", exc)
+            lane.start_error = exc
+            self._undeliverable(1, lane, "create_run", exc, [{"run_id": lane.run_id}])
             return
         finally:
             lane.created.set()
         params, skipped = batcher.run_params(event)
         if skipped:
             self.stats.skipped += len(skipped)
-            log.info("params skipped (non-scalar or too long)", run_id=lane.run_id, params=skipped)
-        try:
-            for chunk in batcher.param_batches(params):
-                await adapter.log_params(lane.mlflow_id, chunk)
-        except Exception as exc:
-            self._fail(1, lane, "log_params", exc)
-            return
-        self.stats.delivered += 1
+            log.warning("params not logged", run_id=lane.run_id, params=skipped)
+        mlflow_id = lane.mlflow_id
+        failures = await self._bisect(
+            list(params.items()), lambda part: adapter.log_params(mlflow_id, part)
+        )
+        for part, error in failures:
+            self._undeliverable(
+                0, lane, "log_params", error, [{"key": k, "value": v} for k, v in part]
+            )
+        if failures:
+            self._count_outcome(lane, failures[-1][1])
+        else:
+            self.stats.delivered += 1
 
     async def _send_steps(self, lane: Lane, steps: list[Step]) -> None:
-        if not steps:
-            return
-        rows: list[batcher.MetricRow] = []
+        units: list[StepUnit] = []
         for event in steps:
             try:
-                rows.extend(batcher.step_rows(event))
+                unit = batcher.step_rows(event)
             except batcher.BadInput as exc:
                 self._reject(event, str(exc))
-        if not rows:
+                continue
+            step = unit[0][3]
+            if step in lane.seen_steps:
+                self._reject(event, f"step {step} repeated (the first one was kept)")
+                continue
+            lane.seen_steps.add(step)
+            units.append(unit)
+        if not units:
             return
         if lane.mlflow_id is None:
-            self._fail(len(rows) // 2, lane, "log_batch", RuntimeError("the run was not created"))
+            assert lane.start_error is not None
+            self._undeliverable(
+                len(units), lane, "log_batch", lane.start_error, _metric_dicts(units)
+            )
             return
         async with anyio.create_task_group() as tg:
-            for chunk in batcher.step_chunks(rows, self._settings.batch_size):
-                tg.start_soon(self._send_chunk, lane, chunk)
+            for chunk in batcher.unit_batches(units, self._settings.batch_size):
+                tg.start_soon(self._send_units, lane, chunk)
 
-    async def _send_chunk(self, lane: Lane, rows: Sequence[batcher.MetricRow]) -> None:
-        assert lane.mlflow_id is not None
-        events = len(rows) // len(batcher.STEP_METRICS)
+    async def _send_units(self, lane: Lane, units: list[StepUnit]) -> None:
+        mlflow_id = lane.mlflow_id
+        assert mlflow_id is not None
+        adapter = self._ready_adapter()
+        failures = await self._bisect(
+            units, lambda part: adapter.log_metrics(mlflow_id, [r for u in part for r in u])
+        )
+        lost = 0
+        for part, exc in failures:
+            self._undeliverable(len(part), lane, "log_batch", exc, _metric_dicts(part))
+            lost += len(part)
+        self.stats.delivered += len(units) - lost
+
+    async def _bisect(
+        self, units: list[U], send: Callable[[list[U]], Awaitable[None]]
+    ) -> list[tuple[list[U], Exception]]:
+        """Send ``units``; when MLflow refuses them for good, halve until the refused ones are
+        isolated, so the rest lands. Returns the parts that did not land, with the error."""
+        if not units:
+            return []
         try:
-            await self._ready_adapter().log_metrics(lane.mlflow_id, rows)
+            await send(units)
         except Exception as exc:
-            self._fail(events, lane, "log_batch", exc)
-        else:
-            self.stats.delivered += events
+            if len(units) == 1 or is_transient(exc):
+                return [(units, exc)]
+            middle = len(units) // 2
+            return await self._bisect(units[:middle], send) + await self._bisect(
+                units[middle:], send
+            )
+        return []
 
     async def _end(self, lane: Lane, event: RunEnd) -> None:
         # A KILLED end is the sink's own (see _add_marker), not a caller's event: not counted.
         events = 1 if event.status == "FINISHED" else 0
         if lane.mlflow_id is None:
-            self._fail(events, lane, "set_terminated", RuntimeError("the run was not created"))
+            assert lane.start_error is not None
+            self._undeliverable(events, lane, "set_terminated", lane.start_error, [])
             return
         adapter = self._ready_adapter()
+        mlflow_id = lane.mlflow_id
         failed: list[tuple[str, Exception]] = []
         if event.status == "FINISHED":
-            try:
-                await adapter.log_metrics(lane.mlflow_id, batcher.summary_rows(event))
-            except batcher.BadInput as exc:
-                self.stats.skipped += 1
-                log.warning("summary metrics not logged", run_id=lane.run_id, reason=str(exc))
-            except Exception as exc:
-                failed.append(("log_batch", exc))
+            rows, problems = batcher.summary_rows(event)
+            if problems:
+                self.stats.skipped += len(problems)
+                log.warning("summary metrics not logged", run_id=lane.run_id, reasons=problems)
+            for part, error in await self._bisect(
+                rows, lambda part: adapter.log_metrics(mlflow_id, part)
+            ):
+                self._undeliverable(0, lane, "log_batch", error, _metric_dicts([part]))
+                failed.append(("log_batch", error))
             failed.extend(await self._upload(lane, event))
         try:  # even when the rest failed: never leave an orphaned RUNNING run
-            await adapter.set_terminated(
-                lane.mlflow_id, event.status, batcher.timestamp_ms(event.time)
-            )
+            await adapter.set_terminated(mlflow_id, event.status, batcher.timestamp_ms(event.time))
         except Exception as exc:
+            self._undeliverable(0, lane, "set_terminated", exc, [{"status": event.status}])
             failed.append(("set_terminated", exc))
         if failed:
-            for what, error in failed[:-1]:
-                self._note_error(what, error)
-            self._fail(events, lane, *failed[-1])
+            self._count_outcome(lane, failed[-1][1], events)
         else:
             self.stats.delivered += events
 
@@ -374,13 +506,14 @@ class Worker:
         try:
             await self._ready_adapter().log_path(lane.mlflow_id, path)
         except Exception as exc:
+            self._undeliverable(0, lane, "log_artifact", exc, [{"path": path}])
             return [("log_artifact", exc)]
         return []
 
     # -- outcomes --------------------------------------------------------------------------------
 
     def _ready_adapter(self) -> MlflowAdapter:
-        assert self._adapter is not None, "lanes run only once connected"
+        assert self._adapter is not None, "lanes send only once connected"
         return self._adapter
 
     def _reject(self, event: Event, reason: str) -> None:
@@ -398,19 +531,50 @@ class Worker:
             reason=reason,
         )
 
-    def _fail(self, events: int, lane: Lane, what: str, exc: BaseException) -> None:
-        self.stats.failed += events
-        self._note_error(what, exc)
-        log.error(
-            "mlflow call failed",
-            run_id=lane.run_id,
-            call=what,
-            events=events,
-            error=self.stats.last_error,
-        )
+    def _undeliverable(
+        self, events: int, lane: Lane, call: str, exc: BaseException, entities: list[Any]
+    ) -> None:
+        """What did not land: dead-lettered if MLflow refused it, else spooled or failed."""
+        self._note_error(call, exc)
+        if is_transient(exc):
+            log.error(
+                "mlflow unreachable past the retry deadline",
+                run_id=lane.run_id,
+                call=call,
+                events=events,
+                kept_in_spool=self._journal is not None,
+                error=self.stats.last_error,
+            )
+        else:
+            self._dead_letters.write(
+                run_id=lane.run_id,
+                mlflow_run_id=lane.mlflow_id,
+                call=call,
+                entities=entities,
+                reason=str(exc),
+            )
+            log.error(
+                "mlflow refused; dead-lettered",
+                run_id=lane.run_id,
+                call=call,
+                events=events,
+                error=self.stats.last_error,
+                dead_letter_file=str(self._dead_letters.path),
+            )
+        if events:
+            self._count_outcome(lane, exc, events)
+
+    def _count_outcome(self, lane: Lane, exc: BaseException, events: int = 1) -> None:
+        if not is_transient(exc):
+            self.stats.dead_lettered += events
+        elif self._journal is not None:
+            self.stats.spooled += events
+            self._hold_acks = True
+        else:
+            self.stats.failed += events
 
     def _note_error(self, what: str, exc: BaseException) -> None:
-        self.stats.last_error = f"{what}: {type(exc).__name__}: {str(exc)[:500]}"
+        self.stats.last_error = redact_text(f"{what}: {type(exc).__name__}: {str(exc)[:500]}")
 
     def _on_retry(self, state: RetryCallState) -> None:
         self.stats.retried += 1
@@ -419,7 +583,7 @@ class Worker:
             "mlflow call failed, retrying",
             attempt=state.attempt_number,
             retry_in=round(state.upcoming_sleep, 2),
-            error=str(exc)[:300],
+            error=redact_text(str(exc))[:300],
         )
 
     def _report_drops(self) -> None:
@@ -431,14 +595,9 @@ class Worker:
                 total_dropped=self._buffer.dropped,
             )
 
-    def _report_pending_at_exit(self) -> None:
-        pending = self._inflight()
-        if pending:
-            log.error(
-                "worker stopped with events undelivered",
-                pending=pending,
-                runs_open=sorted(self._open),
-            )
+
+def _metric_dicts(units: Sequence[Sequence[batcher.MetricRow]]) -> list[dict[str, Any]]:
+    return [{"key": k, "value": v, "timestamp": ts, "step": s} for u in units for k, v, ts, s in u]
 
 
 def _hook_name(event: Event) -> str:

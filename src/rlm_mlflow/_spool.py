@@ -1,0 +1,249 @@
+"""The spool: a write-ahead journal on local disk, one directory per live sink.
+
+What the worker drains is appended here before it is sent; the acknowledged position moves
+on once everything before it has finished. A sink that dies (SIGKILL, power loss, a server
+that never came back) leaves its directory behind; the next sink on the same spool, or
+`rlm-mlflow sync`, replays it from the acknowledged position.
+
+Layout of ``<spool_dir>/journal-<pid>-<id>/`` (directory 0700, files 0600):
+
+- ``lock``: flock-ed by the owner while it lives; a replayer takes it to know the owner is dead.
+- ``meta.json``: experiment and (redacted) tracking URI of the owner.
+- ``NNNNNNNN.seg``: records ``MAGIC | length | crc32 | JSON payload`` (one drain each).
+- ``ack.json``: the position replay starts from, and the starts of the runs open there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import numbers
+import os
+import shutil
+import struct
+import uuid
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from ._deadletter import open_owner_only, owner_only_dir
+from ._event import RunEnd, RunEvent, RunStart, Step
+from ._redact import redact_text
+
+log = structlog.get_logger("rlm_mlflow")
+
+MAGIC = b"RLMJ"
+HEADER = struct.Struct(">4sII")  # magic, payload length, crc32 of the payload
+SEGMENT_BYTES = 16 << 20
+MAX_RECORD_BYTES = 1 << 30
+
+Position = tuple[int, int]  # (segment number, byte offset in it)
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars become numbers; anything else JSON cannot hold becomes a marker dict,
+    which replay skips exactly as the live path skips a non-scalar param."""
+    if isinstance(value, numbers.Number) and hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return {"__unserializable__": type(value).__name__}
+
+
+def encode(events: Sequence[RunEvent]) -> bytes:
+    rows = [[type(e).__name__, *e] for e in events]
+    return json.dumps(rows, default=_jsonable, separators=(",", ":")).encode()
+
+
+_KINDS: dict[str, type[RunStart] | type[Step] | type[RunEnd]] = {
+    "RunStart": RunStart,
+    "Step": Step,
+    "RunEnd": RunEnd,
+}
+
+
+def decode(payload: bytes) -> list[RunEvent]:
+    return [_KINDS[kind](*fields) for kind, *fields in json.loads(payload)]
+
+
+class Journal:
+    """The live sink's own journal (written by the worker thread only)."""
+
+    def __init__(self, spool_dir: Path, max_bytes: int, meta: dict[str, Any]) -> None:
+        owner_only_dir(spool_dir)
+        self.dir = spool_dir / f"journal-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        owner_only_dir(self.dir)
+        self._lock_fd = open_owner_only(self.dir / "lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        _write_atomic(self.dir / "meta.json", json.dumps(meta).encode())
+        self.max_bytes = max_bytes
+        self._segment = 0
+        self._fd = -1
+        self._offset = 0
+        self._sizes: dict[int, int] = {}  # bytes of each segment still on disk
+        self._open_segment(1)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes
+
+    def append(self, events: Sequence[RunEvent]) -> Position:
+        """Journal one drain; returns the position just after it. One write(2): a process
+        crash after it returns cannot lose the record (a power cut can tear it: the
+        checksum tells)."""
+        payload = encode(events)
+        record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+        if self._offset and self._offset + len(record) > SEGMENT_BYTES:
+            self._open_segment(self._segment + 1)
+        os.write(self._fd, record)
+        self._offset += len(record)
+        self._sizes[self._segment] = self._offset
+        return (self._segment, self._offset)
+
+    def ack(self, position: Position, open_runs: list[RunStart]) -> None:
+        """Everything before ``position`` has finished; replay would start there."""
+        state = {
+            "segment": position[0],
+            "offset": position[1],
+            "open_runs": [list(r) for r in open_runs],
+        }
+        _write_atomic(self.dir / "ack.json", json.dumps(state, default=_jsonable).encode())
+        for segment in [s for s in self._sizes if s < position[0]]:
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / _segment_name(segment)).unlink()
+            del self._sizes[segment]
+
+    def close(self, *, remove: bool) -> None:
+        """Release the journal; ``remove`` when everything in it was delivered."""
+        os.close(self._fd)
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self._lock_fd)  # releases the flock: a replayer may take the rest
+
+    def _open_segment(self, number: int) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._segment, self._offset = number, 0
+        self._fd = open_owner_only(
+            self.dir / _segment_name(number), os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        )
+        self._sizes[number] = 0
+
+
+def _segment_name(number: int) -> str:
+    return f"{number:08d}.seg"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    fd = open_owner_only(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# -- replay side ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Orphan:
+    """A journal whose owner is gone, locked by us while we replay it."""
+
+    dir: Path
+    lock_fd: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    corrupt: int = 0  # records skipped for a bad checksum or length
+
+    def open_runs(self) -> list[RunStart]:
+        state = _read_ack(self.dir)
+        return [RunStart(*fields) for fields in state.get("open_runs", [])]
+
+    def records(self) -> Iterator[list[RunEvent]]:
+        """The journalled drains from the acknowledged position on, skipping corrupt ones."""
+        state = _read_ack(self.dir)
+        start: Position = (int(state.get("segment", 0)), int(state.get("offset", 0)))
+        for path in sorted(self.dir.glob("*.seg")):
+            number = int(path.stem)
+            if number < start[0]:
+                continue
+            data = path.read_bytes()
+            offset = start[1] if number == start[0] else 0
+            yield from self._parse(path, data, offset)
+
+    def _parse(self, path: Path, data: bytes, offset: int) -> Iterator[list[RunEvent]]:
+        while offset + HEADER.size <= len(data):
+            magic, length, crc = HEADER.unpack_from(data, offset)
+            body = data[offset + HEADER.size : offset + HEADER.size + length]
+            if (
+                magic == MAGIC
+                and length <= MAX_RECORD_BYTES
+                and len(body) == length
+                and zlib.crc32(body) == crc
+            ):
+                offset += HEADER.size + length
+                try:
+                    yield decode(body)
+                except (ValueError, TypeError, KeyError) as exc:
+                    self._report(path, offset, f"undecodable record: {exc}")
+                continue
+            self._report(path, offset, "bad checksum or torn record")
+            next_magic = data.find(MAGIC, offset + 1)
+            if next_magic < 0:
+                return
+            offset = next_magic
+
+    def _report(self, path: Path, offset: int, why: str) -> None:
+        self.corrupt += 1
+        log.error("journal record skipped", file=str(path), offset=offset, reason=why)
+
+    def release(self, *, remove: bool) -> None:
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self.lock_fd)
+
+
+def _read_ack(journal_dir: Path) -> dict[str, Any]:
+    try:
+        state: dict[str, Any] = json.loads((journal_dir / "ack.json").read_bytes())
+        return state
+    except FileNotFoundError:
+        return {}
+
+
+def orphans(spool_dir: Path) -> Iterator[Orphan]:
+    """Journals in ``spool_dir`` whose owner is no longer alive (their lock is free)."""
+    if not spool_dir.is_dir():
+        return
+    for journal_dir in sorted(spool_dir.glob("journal-*")):
+        try:
+            fd = os.open(journal_dir / "lock", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # alive: its owner holds it
+            os.close(fd)
+            continue
+        try:
+            meta = json.loads((journal_dir / "meta.json").read_bytes())
+        except (FileNotFoundError, ValueError):
+            meta = {}
+        yield Orphan(journal_dir, fd, meta)
+
+
+def journal_meta(experiment: str, tracking_uri: str | None) -> dict[str, Any]:
+    return {
+        "experiment": experiment,
+        "tracking_uri": redact_text(tracking_uri or ""),
+        "pid": os.getpid(),
+    }
