@@ -15,10 +15,12 @@ def steps(n: int) -> list[Step]:
 
 @pytest.mark.parametrize("batch_size", [2, 3, 999, 1000])
 def test_batches_respect_the_batch_size_and_keep_a_steps_metrics_together(batch_size: int) -> None:
-    units = [batcher.step_rows(event) for event in steps(1234)]
-    parts = list(batcher.unit_batches(units, batch_size))
-    assert all(0 < 2 * len(part) <= batch_size for part in parts)
-    assert [u for part in parts for u in part] == units
+    rows = [row for event in steps(1234) for row in batcher.step_rows(event)]
+    parts = list(batcher.step_batches(rows, batch_size))
+    assert all(0 < len(part) <= batch_size and len(part) % 2 == 0 for part in parts)
+    assert [row for part in parts for row in part] == rows
+    for part in parts:
+        assert [key for key, *_ in part] == ["step_reward", "cumulative_reward"] * (len(part) // 2)
 
 
 def test_step_rows_carry_the_hooks_step_time_and_values() -> None:
@@ -47,26 +49,50 @@ def test_step_rows_carry_the_hooks_step_time_and_values() -> None:
         (1, np.bool_(True), "not a number"),
     ],
 )
-def test_bad_steps_and_rewards_are_refused_with_a_reason(step: object, reward: object,
-                                                         why: str) -> None:
+def test_bad_steps_and_rewards_are_refused_with_a_reason(
+    step: object, reward: object, why: str
+) -> None:
     with pytest.raises(batcher.BadInput, match=why):
         batcher.step_rows(Step("r", step, reward, 0.0, 0.0))
 
 
 def test_numpy_scalars_and_integral_floats_are_numbers() -> None:
-    (reward, cumulative) = batcher.step_rows(Step("r", np.int64(4), np.float32(0.5), 2.0, 0.0))
+    (reward, cumulative) = batcher.step_rows(Step("r", np.int64(4), np.float32(0.5), 2, 0.0))
+    assert cumulative[1] == 2.0
     assert reward[1:] == (0.5, 0, 4) and type(reward[1]) is float
     assert batcher.step_rows(Step("r", 5.0, 1, 1, 0.0))[0][3] == 5
 
 
 def test_params_are_the_scalar_ones_plus_environment_and_task_chars() -> None:
-    event = RunStart("r", 0.0, "dspy", 42, {
-        "model": "m", "n": 3, "x": None, "ok": False, "tools": ["a"], "cfg": {"a": 1},
-        "long": "y" * 6001, "bad key!": 1, "../up": 2, "": 3, "k" * 251: 4,
-    }, "key")
+    event = RunStart(
+        "r",
+        0.0,
+        "dspy",
+        42,
+        {
+            "model": "m",
+            "n": 3,
+            "x": None,
+            "ok": False,
+            "tools": ["a"],
+            "cfg": {"a": 1},
+            "long": "y" * 6001,
+            "bad key!": 1,
+            "../up": 2,
+            "": 3,
+            "k" * 251: 4,
+        },
+        "key",
+    )
     params, skipped = batcher.run_params(event)
-    assert params == {"model": "m", "n": "3", "x": "None", "ok": "False",
-                      "environment": "dspy", "task_chars": "42"}
+    assert params == {
+        "model": "m",
+        "n": "3",
+        "x": "None",
+        "ok": "False",
+        "environment": "dspy",
+        "task_chars": "42",
+    }
     assert sorted(skipped) == sorted(["tools", "cfg", "long", "bad key!", "../up", "", "k" * 250])
     assert "not a scalar" in skipped["tools"] and "6000" in skipped["long"]
     assert "refuses" in skipped["bad key!"]
@@ -79,8 +105,11 @@ def test_params_go_out_in_batches_of_at_most_100() -> None:
 
 def test_summary_is_the_seeds_three_metrics_and_a_bad_value_only_costs_itself() -> None:
     rows, problems = batcher.summary_rows(RunEnd("r", 2.0, True, 12, 3.5, None))
-    assert rows == [("completed", 1.0, 2000, 0), ("steps", 12.0, 2000, 0),
-                    ("total_reward", 3.5, 2000, 0)]
+    assert rows == [
+        ("completed", 1.0, 2000, 0),
+        ("steps", 12.0, 2000, 0),
+        ("total_reward", 3.5, 2000, 0),
+    ]
     assert problems == []
     rows, problems = batcher.summary_rows(RunEnd("r", 2.0, False, 12, float("nan"), None))
     assert [r[0] for r in rows] == ["completed", "steps"]
@@ -89,8 +118,12 @@ def test_summary_is_the_seeds_three_metrics_and_a_bad_value_only_costs_itself() 
 
 def test_tags_carry_the_parent_link_and_fit_mlflows_limits() -> None:
     assert batcher.run_tags("c", "abc123", "k1") == {
-        "run_id": "c", "component": "rlm-code-rlm", "mlflow.runName": "c",
-        "mlflow.parentRunId": "abc123", "rlm_mlflow.run_key": "k1"}
+        "run_id": "c",
+        "component": "rlm-code-rlm",
+        "mlflow.runName": "c",
+        "mlflow.parentRunId": "abc123",
+        "rlm_mlflow.run_key": "k1",
+    }
     assert "mlflow.parentRunId" not in batcher.run_tags("c", None, "k1")
     long = batcher.run_tags("r" * 10_000, None, "k1")
     assert len(long["run_id"]) == 8000 and len(long["mlflow.runName"]) == 250

@@ -11,12 +11,11 @@ import numbers
 import posixpath
 import re
 from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from ._event import RunEnd, RunStart, Step
 
 MetricRow = tuple[str, float, int, int]
-T = TypeVar("T")
 
 COMPONENT = "rlm-code-rlm"
 STEP_METRICS = ("step_reward", "cumulative_reward")
@@ -85,11 +84,12 @@ def step_rows(event: Step) -> tuple[MetricRow, MetricRow]:
     )
 
 
-def unit_batches(units: Sequence[T], batch_size: int, rows_per_unit: int = 2) -> Iterator[list[T]]:
-    """Split into log_batch-sized parts; a unit (one step's metrics) is never split."""
-    size = max(1, batch_size // rows_per_unit)
-    for start in range(0, len(units), size):
-        yield list(units[start : start + size])
+def step_batches(rows: Sequence[MetricRow], batch_size: int) -> Iterator[list[MetricRow]]:
+    """Split step rows (two per step, adjacent) into log_batch-sized parts that never split
+    one step's pair."""
+    size = max(len(STEP_METRICS), batch_size - batch_size % len(STEP_METRICS))
+    for start in range(0, len(rows), size):
+        yield list(rows[start : start + size])
 
 
 def summary_rows(event: RunEnd) -> tuple[list[MetricRow], list[str]]:

@@ -38,8 +38,6 @@ from ._spool import Journal, Position
 log = structlog.get_logger("rlm_mlflow")
 U = TypeVar("U")
 
-StepUnit = tuple[batcher.MetricRow, batcher.MetricRow]  # one step event's two metrics
-
 
 @dataclass
 class Stats:
@@ -405,43 +403,44 @@ class Worker:
             self.stats.delivered += 1
 
     async def _send_steps(self, lane: Lane, steps: list[Step]) -> None:
-        units: list[StepUnit] = []
+        rows: list[batcher.MetricRow] = []
         for event in steps:
             try:
-                unit = batcher.step_rows(event)
+                pair = batcher.step_rows(event)
             except batcher.BadInput as exc:
                 self._reject(event, str(exc))
                 continue
-            step = unit[0][3]
+            step = pair[0][3]
             if step in lane.seen_steps:
                 self._reject(event, f"step {step} repeated (the first one was kept)")
                 continue
             lane.seen_steps.add(step)
-            units.append(unit)
-        if not units:
+            rows.extend(pair)
+        if not rows:
             return
         if lane.mlflow_id is None:
             assert lane.start_error is not None
             self._undeliverable(
-                len(units), lane, "log_batch", lane.start_error, _metric_dicts(units)
+                len(rows) // 2, lane, "log_batch", lane.start_error, _metric_dicts([rows])
             )
             return
         async with anyio.create_task_group() as tg:
-            for chunk in batcher.unit_batches(units, self._settings.batch_size):
-                tg.start_soon(self._send_units, lane, chunk)
+            for part in batcher.step_batches(rows, self._settings.batch_size):
+                tg.start_soon(self._send_rows, lane, part)
 
-    async def _send_units(self, lane: Lane, units: list[StepUnit]) -> None:
+    async def _send_rows(self, lane: Lane, rows: list[batcher.MetricRow]) -> None:
+        """One log_batch of step metrics; a refused one is bisected down to single metrics."""
         mlflow_id = lane.mlflow_id
         assert mlflow_id is not None
         adapter = self._ready_adapter()
-        failures = await self._bisect(
-            units, lambda part: adapter.log_metrics(mlflow_id, [r for u in part for r in u])
-        )
-        lost = 0
+        failures = await self._bisect(rows, lambda part: adapter.log_metrics(mlflow_id, part))
+        lost: dict[int, Exception] = {}  # step -> why (an event is lost if either metric is)
         for part, exc in failures:
-            self._undeliverable(len(part), lane, "log_batch", exc, _metric_dicts(part))
-            lost += len(part)
-        self.stats.delivered += len(units) - lost
+            self._undeliverable(0, lane, "log_batch", exc, _metric_dicts([part]))
+            lost.update((row[3], exc) for row in part)
+        for exc in lost.values():
+            self._count_outcome(lane, exc)
+        self.stats.delivered += len(rows) // len(batcher.STEP_METRICS) - len(lost)
 
     async def _bisect(
         self, units: list[U], send: Callable[[list[U]], Awaitable[None]]

@@ -17,7 +17,11 @@ from typing import Any
 
 import structlog
 
+from ._deadletter import DeadLetters
+from ._redact import redact_uri
+from ._settings import Settings
 from ._sink import MLflowSink
+from ._sync import sync
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -192,6 +196,40 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    spool = Path(args.spool_dir)
+    if not spool.is_dir():
+        print(f"rlm-mlflow sync: {spool} is not a directory", file=sys.stderr)
+        return 2
+    tracking_uri = (
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    )
+    settings = Settings.from_env(spool_dir=str(spool))
+    replayed = 0
+    started = time.perf_counter()
+
+    def progress(events: int) -> None:
+        nonlocal replayed
+        replayed += events
+        rate = replayed / max(time.perf_counter() - started, 1e-9)
+        end = "" if sys.stderr.isatty() else "\n"
+        sys.stderr.write(f"\rreplayed {replayed} events ({rate:,.0f}/s){end}")
+
+    summary = sync(
+        spool, tracking_uri, settings, DeadLetters(spool / "dead-letter.jsonl"), progress=progress
+    )
+    if replayed:
+        sys.stderr.write("\n")
+    print(
+        f"synced {summary.journals} journal(s) to {redact_uri(tracking_uri)}: "
+        f"{summary.runs} runs, {summary.metrics} metrics, {summary.bytes} bytes read; "
+        f"delivered {summary.delivered} events, rejected {summary.rejected}, "
+        f"dead-lettered {summary.dead_lettered}, failed {summary.failed}, "
+        f"corrupt records skipped {summary.corrupt_records}, journals kept {summary.kept}"
+    )
+    return 0 if summary.kept == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlm-mlflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="print the sink's status() as configured by the env")
     status.set_defaults(func=cmd_status)
+    sync_ = sub.add_parser(
+        "sync",
+        help="deliver what dead or offline processes left in a spool directory",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sync_.add_argument("spool_dir", help="the spool directory (DSPY_RLM_MLFLOW_SPOOL_DIR)")
+    sync_.add_argument(
+        "--tracking-uri",
+        default=None,
+        help=f"MLflow tracking URI (env MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
+    )
+    sync_.set_defaults(func=cmd_sync)
     return parser
 
 

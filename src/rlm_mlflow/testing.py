@@ -1,23 +1,31 @@
-"""A real `mlflow server` on 127.0.0.1 for tests and benchmarks, stopped by its own pid.
+"""Real parts for tests and benchmarks: an `mlflow server` and a fault-injecting proxy.
 
-The server starts in its own process group with the job runner off (it would keep both cores
-busy for half a minute and can outlive a SIGTERM of the server); `stop` ends the whole group.
+The server starts on 127.0.0.1 in its own process group with the job runner off (it would
+keep both cores busy for half a minute and can outlive a SIGTERM of the server); `stop` ends
+the whole group. `FaultProxy` sits in front of it on loopback and, on request, answers 503 or
+429 with Retry-After, adds latency, resets connections, or refuses chosen log-batch requests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 
 def free_port() -> int:
@@ -132,3 +140,126 @@ class MlflowServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of ``target_port`` that injects faults on demand.
+
+    Faults apply to the next requests in the order they were set: ``fail(n, status,
+    retry_after)`` answers ``status`` to the next n requests, ``reset(n)`` resets the next n
+    connections mid-request, ``delay`` adds seconds to every request, and ``refuse`` answers
+    400 INVALID_PARAMETER_VALUE to every log-batch request whose JSON body it matches.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.delay = 0.0
+        self.refuse: Callable[[dict[str, Any]], bool] | None = None
+        self.served: dict[str, int] = {"forwarded": 0, "failed": 0, "reset": 0, "refused": 0}
+        self._faults: list[tuple[str, int, int | None]] = []  # (kind, status, retry_after)
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def fail(self, n: int, status: int, retry_after: int | None = None) -> None:
+        with self._lock:
+            self._faults += [("fail", status, retry_after)] * n
+
+    def reset(self, n: int) -> None:
+        with self._lock:
+            self._faults += [("reset", 0, None)] * n
+
+    def _next_fault(self) -> tuple[str, int, int | None] | None:
+        with self._lock:
+            return self._faults.pop(0) if self._faults else None
+
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # quiet
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.delay:
+                    time.sleep(proxy.delay)
+                fault = proxy._next_fault()
+                if fault is not None and fault[0] == "reset":
+                    proxy.served["reset"] += 1
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                if fault is not None:
+                    proxy.served["failed"] += 1
+                    headers = {"Retry-After": str(fault[2])} if fault[2] is not None else {}
+                    self._answer(fault[1], b"unavailable", headers)
+                    return
+                refuse = proxy.refuse
+                if (
+                    refuse is not None
+                    and self.path.endswith("/runs/log-batch")
+                    and refuse(json.loads(body or b"{}"))
+                ):
+                    proxy.served["refused"] += 1
+                    message = {
+                        "error_code": "INVALID_PARAMETER_VALUE",
+                        "message": "refused by the test proxy: bad entity",
+                    }
+                    self._answer(400, json.dumps(message).encode(), {})
+                    return
+                self._forward(body)
+
+            def _forward(self, body: bytes) -> None:
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=60)
+                try:
+                    headers = {
+                        k: v
+                        for k, v in self.headers.items()
+                        if k.lower() not in {"host", "connection", "content-length"}
+                    }
+                    upstream.request(self.command, self.path, body=body or None, headers=headers)
+                    response = upstream.getresponse()
+                    data = response.read()
+                    keep = {
+                        k: v
+                        for k, v in response.getheaders()
+                        if k.lower() not in {"transfer-encoding", "connection", "content-length"}
+                    }
+                    proxy.served["forwarded"] += 1
+                    self._answer(response.status, data, keep)
+                except OSError:
+                    self._answer(502, b"upstream unreachable", {})
+                finally:
+                    upstream.close()
+
+            def _answer(self, status: int, data: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _handle
+
+        return Handler
