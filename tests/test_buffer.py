@@ -2,9 +2,13 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
+
+import structlog
 
 from rlm_mlflow._buffer import Buffer
-from rlm_mlflow._event import Marker, Step
+from rlm_mlflow._event import Marker, RunStart, Step
+from rlm_mlflow._spool import Overflow
 
 
 def event(i: int) -> Step:
@@ -63,3 +67,58 @@ def test_after_close_puts_are_dropped_at_once_but_markers_pass() -> None:
     marker = Marker()
     buffer.put_marker(marker)
     assert buffer.drain(10) == [marker]
+
+
+def test_drop_newest_drops_at_once_counts_every_drop_and_logs_once_per_burst() -> None:
+    buffer = Buffer(maxsize=2, wake_at=2, put_timeout=5.0, policy="drop_newest")
+    with structlog.testing.capture_logs() as logs:
+        started = time.perf_counter()
+        for i in range(10):
+            buffer.put(event(i))
+        assert time.perf_counter() - started < 0.5
+    assert buffer.dropped == 8
+    assert [e.step for e in buffer.drain(10)] == [0, 1]  # type: ignore[union-attr]
+    assert [entry["event"] for entry in logs] == ["events dropped"]
+    assert buffer.take_drop_burst() == 8
+
+
+def test_drop_oldest_keeps_the_newest_steps_but_never_drops_a_start_or_an_end() -> None:
+    buffer = Buffer(maxsize=3, wake_at=3, put_timeout=5.0, policy="drop_oldest")
+    start = RunStart("r", 0.0, "e", 1, {}, "k")
+    buffer.put(start)
+    for i in range(2):
+        buffer.put(event(i))
+    buffer.put(event(2))  # the start is oldest: it stays, the new step is dropped
+    assert buffer.dropped == 1
+    assert buffer.drain(1) == [start]
+    buffer.put(event(3))
+    buffer.put(event(4))  # now a step is oldest: it goes
+    assert buffer.dropped == 2
+    assert [e.step for e in buffer.drain(10)] == [1, 3, 4]  # type: ignore[union-attr]
+
+
+def test_spill_keeps_every_event_in_order_across_memory_and_disk(tmp_path: Path) -> None:
+    overflow = Overflow(tmp_path / "overflow.log")
+    buffer = Buffer(
+        maxsize=3,
+        wake_at=3,
+        put_timeout=5.0,
+        policy="spill",
+        overflow=overflow,
+        overflow_max_bytes=1 << 20,
+    )
+    for i in range(5):
+        buffer.put(event(i))
+    flush = Marker()
+    buffer.put_marker(flush)  # behind the spilled events, not ahead of them
+    buffer.put(event(5))
+    assert len(buffer) == 7 and buffer.dropped == 0
+    first = buffer.drain(4)
+    assert [e.step for e in first] == [0, 1, 2, 3]  # type: ignore[union-attr]
+    buffer.put(event(6))  # still spilling: the overflow is not empty yet
+    rest = buffer.drain(10)
+    assert rest[1] is flush
+    assert [e.step for e in rest if not isinstance(e, Marker)] == [4, 5, 6]
+    buffer.put(event(7))  # the overflow ran empty: back to memory
+    assert (tmp_path / "overflow.log").stat().st_size == 0
+    assert [e.step for e in buffer.drain(10)] == [7]  # type: ignore[union-attr]

@@ -16,17 +16,28 @@ from collections import deque
 import structlog
 
 from ._event import Event, Marker, Step
+from ._spool import Overflow
 
 log = structlog.get_logger("rlm_mlflow")
 
 
 class Buffer:
     def __init__(
-        self, maxsize: int, wake_at: int, put_timeout: float, policy: str = "block"
+        self,
+        maxsize: int,
+        wake_at: int,
+        put_timeout: float,
+        policy: str = "block",
+        overflow: Overflow | None = None,
+        overflow_max_bytes: int = 0,
     ) -> None:
         self._queue: deque[Event] = deque()
         self._maxsize = self._capacity = maxsize
         self._policy = policy
+        # spill: while the overflow holds events, every put goes there too (maxsize 0 sends
+        # the hooks to the slow path), so the order of events is kept.
+        self._overflow = overflow
+        self._overflow_max_bytes = overflow_max_bytes
         self.wake_at = wake_at
         self._put_timeout = put_timeout
         self.wakeup = threading.Event()
@@ -37,7 +48,7 @@ class Buffer:
         self._burst = 0  # drops since the worker last reported them
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + (len(self._overflow) if self._overflow is not None else 0)
 
     def put(self, event: Event) -> None:
         queue = self._queue
@@ -50,7 +61,11 @@ class Buffer:
 
     def put_marker(self, marker: Marker) -> None:
         """Markers ignore the bound: a flush must be able to queue behind a full buffer."""
-        self._queue.append(marker)
+        with self._room:
+            if self._overflow is not None and len(self._overflow):
+                self._overflow.push_marker(marker)
+            else:
+                self._queue.append(marker)
         self.wakeup.set()
 
     def _put_when_full(self, event: Event) -> None:
@@ -69,6 +84,13 @@ class Buffer:
                 return
             if self._policy == "block" and self._wait_for_room():
                 self._queue.append(event)
+                return
+            if self._overflow is not None and not isinstance(event, Marker):
+                if self._overflow.bytes < self._overflow_max_bytes:
+                    self._overflow.push(event)
+                    self._maxsize = 0
+                    return
+                self._drop("buffer full and the spill file at spool_max_bytes")
                 return
             self._drop("buffer full")
 
@@ -104,6 +126,12 @@ class Buffer:
         items: list[Event] = []
         while queue and len(items) < limit:
             items.append(queue.popleft())
+        overflow = self._overflow
+        if overflow is not None and len(overflow) and len(items) < limit and not queue:
+            with self._room:  # the memory part is older than all of the overflow
+                items.extend(overflow.pop(limit - len(items)))
+                if not len(overflow) and not self._closed:
+                    self._maxsize = self._capacity
         if self._waiting:
             with self._room:
                 self._room.notify_all()

@@ -23,7 +23,7 @@ from ._deadletter import DeadLetters
 from ._event import Marker, RunEnd, RunStart, Step
 from ._redact import redact_text, redact_uri
 from ._settings import Settings, parse_bool
-from ._spool import Journal, journal_meta
+from ._spool import OVERFLOW_FILE, Journal, Overflow, journal_meta
 from ._sync import SyncSummary, sync
 from ._worker import Worker
 
@@ -84,7 +84,17 @@ class MLflowSink:
                 target=self._replay_orphans, name="rlm-mlflow-sync", daemon=True
             )
             self._replayer.start()
-        self._buffer = Buffer(s.queue_size, s.batch_size // 2, s.put_timeout, s.when_full)
+        overflow = None
+        if journal is not None and s.when_full == "spill":
+            overflow = Overflow(journal.dir / OVERFLOW_FILE)
+        self._buffer = Buffer(
+            s.queue_size,
+            s.batch_size // 2,
+            s.put_timeout,
+            s.when_full,
+            overflow=overflow,
+            overflow_max_bytes=s.spool_max_bytes,
+        )
         self._worker = Worker(
             self._buffer,
             s,

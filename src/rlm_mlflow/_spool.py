@@ -41,6 +41,7 @@ MAGIC = b"RLMJ"
 HEADER = struct.Struct(">4sII")  # magic, payload length, crc32 of the payload
 SEGMENT_BYTES = 16 << 20
 MAX_RECORD_BYTES = 1 << 30
+OVERFLOW_FILE = "overflow.log"
 
 Position = tuple[int, int]  # (segment number, byte offset in it)
 
@@ -152,6 +153,65 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class Overflow:
+    """The ``spill`` policy's disk queue: events that found the buffer full, in order.
+
+    Written by the hooks (under the buffer's lock), read back by the worker once the memory
+    buffer is empty; truncated whenever it runs empty. It lives in the journal's directory,
+    so a replay after a crash finds what was still in it (`Orphan.records`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = open_owner_only(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        self._write_at = 0
+        self._read_at = 0
+        self._count = 0  # events written and not yet read
+        self._written = 0
+        self._markers: list[tuple[int, Any]] = []  # (events written before it, marker)
+
+    def __len__(self) -> int:
+        return self._count + len(self._markers)
+
+    @property
+    def bytes(self) -> int:
+        return self._write_at - self._read_at
+
+    def push(self, event: RunEvent) -> None:
+        payload = encode([event])
+        record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+        os.pwrite(self._fd, record, self._write_at)
+        self._write_at += len(record)
+        self._count += 1
+        self._written += 1
+
+    def push_marker(self, marker: Any) -> None:
+        """Markers stay in memory, placed between the events they came between."""
+        self._markers.append((self._written, marker))
+
+    def pop(self, limit: int) -> list[Any]:
+        out: list[Any] = []
+        read = self._written - self._count
+        while len(out) < limit and (self._count or self._markers):
+            if self._markers and self._markers[0][0] <= read:
+                out.append(self._markers.pop(0)[1])
+                continue
+            header = os.pread(self._fd, HEADER.size, self._read_at)
+            _, length, _ = HEADER.unpack(header)
+            payload = os.pread(self._fd, length, self._read_at + HEADER.size)
+            self._read_at += HEADER.size + length
+            out.extend(decode(payload))
+            self._count -= 1
+            read += 1
+        if not self._count and not self._markers:
+            os.ftruncate(self._fd, 0)
+            self._write_at = self._read_at = 0
+        return out
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 # -- replay side ---------------------------------------------------------------------------------
 
 
@@ -179,6 +239,9 @@ class Orphan:
             data = path.read_bytes()
             offset = start[1] if number == start[0] else 0
             yield from self._parse(path, data, offset)
+        overflow = self.dir / OVERFLOW_FILE
+        if overflow.exists():  # spilled, never drained: newer than every segment
+            yield from self._parse(overflow, overflow.read_bytes(), 0)
 
     def _parse(self, path: Path, data: bytes, offset: int) -> Iterator[list[RunEvent]]:
         while offset + HEADER.size <= len(data):
@@ -201,6 +264,8 @@ class Orphan:
             if next_magic < 0:
                 return
             offset = next_magic
+        if offset < len(data):
+            self._report(path, offset, "torn record at the end")
 
     def _report(self, path: Path, offset: int, why: str) -> None:
         self.corrupt += 1

@@ -212,6 +212,7 @@ class Worker:
                     return
                 except Exception as exc:
                     self._note_error("connect", exc)
+                    self.stats.retried += 1
                     log.warning(
                         "tracking store unreachable, retrying",
                         retry_in=delay,
