@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import Readback
+
+from rlm_mlflow import MLflowSink
+from rlm_mlflow.testing import MlflowServer
 
 
 def run_python(code: str, *, env_path: Path | None = None, timeout: float = 60) -> Any:
@@ -107,3 +113,91 @@ def test_a_process_that_forgets_to_close_still_delivers_at_exit(
     assert len(readback.history(runs["ended"], "step_reward")) == 500
     assert runs["open"].info.status == "KILLED"
     assert len(readback.history(runs["open"], "cumulative_reward")) == 100
+
+
+SIGTERMED = """
+import os, signal, sys, time
+{user_handler}
+from rlm_mlflow import MLflowSink
+sink = MLflowSink(True, experiment={experiment!r}, tracking_uri={uri!r}, flush_interval=60)
+sink.on_run_start("terminated", task="t", environment="e", params={{}})
+for step in range(300):
+    sink.on_step("terminated", event={{"step": step, "reward": 1.0}}, cumulative_reward=step)
+print("READY", flush=True)
+time.sleep(60)
+"""
+
+USER_HANDLER = """
+def handler(signum, frame):
+    open({marker!r}, "w").write("user handler ran")
+    sys.exit(3)
+signal.signal(signal.SIGTERM, handler)
+"""
+
+
+@pytest.mark.parametrize("with_user_handler", [False, True])
+def test_sigterm_delivers_what_was_logged_and_then_chains_to_the_previous_handler(
+    mlflow_server: MlflowServer, experiment: str, tmp_path: Path, with_user_handler: bool
+) -> None:
+    marker = tmp_path / "marker"
+    user_handler = USER_HANDLER.format(marker=str(marker)) if with_user_handler else ""
+    code = SIGTERMED.format(user_handler=user_handler, experiment=experiment, uri=mlflow_server.url)
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    for line in child.stdout:
+        if line.strip() == "READY":
+            break
+    child.send_signal(signal.SIGTERM)
+    returncode = child.wait(timeout=60)
+
+    if with_user_handler:
+        assert returncode == 3 and marker.read_text() == "user handler ran"
+    else:
+        assert returncode == -signal.SIGTERM  # it still dies of the signal, as without us
+    readback = Readback(mlflow_server.url, experiment)
+    run = readback.runs()["terminated"]
+    assert len(readback.history(run, "step_reward")) == 300
+    assert run.info.status == "KILLED"
+
+
+def test_a_forked_child_starts_clean_and_neither_process_sends_the_others_events(
+    mlflow_server: MlflowServer, experiment: str
+) -> None:
+    sink = MLflowSink(
+        True, experiment=experiment, tracking_uri=mlflow_server.url, flush_interval=60
+    )
+    sink.on_run_start("parent", task="t", environment="e", params={})
+    for step in range(100):  # still in the buffer when we fork
+        sink.on_step("parent", event={"step": step, "reward": 1.0}, cumulative_reward=step)
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            sink.on_run_start("child", task="t", environment="e", params={})
+            for step in range(50):
+                sink.on_step(
+                    "child", event={"step": step, "reward": 2.0}, cumulative_reward=step * 2.0
+                )
+            sink.on_run_end(
+                "child",
+                result={"completed": True, "steps": 50, "total_reward": 100.0},
+                run_path=None,
+            )
+            code = 0 if sink.close(timeout=30) and sink.status()["delivered"] == 52 else 2
+        finally:
+            os._exit(code)
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    sink.on_run_end(
+        "parent", result={"completed": True, "steps": 100, "total_reward": 1.0}, run_path=None
+    )
+    assert sink.close(timeout=30)
+
+    readback = Readback(mlflow_server.url, experiment)
+    runs = readback.runs()
+    assert sorted(runs) == ["child", "parent"]
+    assert [m.step for m in readback.history(runs["parent"], "step_reward")] == list(range(100))
+    assert [m.step for m in readback.history(runs["child"], "step_reward")] == list(range(50))
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}

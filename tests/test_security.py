@@ -23,7 +23,10 @@ def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
 
 
 def test_passwords_and_tokens_are_redacted_everywhere(
-    proxy: FaultProxy, experiment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    proxy: FaultProxy,
+    experiment: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", TOKEN)
@@ -35,10 +38,14 @@ def test_passwords_and_tokens_are_redacted_everywhere(
         sink = MLflowSink(True, experiment=experiment, tracking_uri=uri, spool_dir=str(spool))
         sink.on_run_start("secretive", task="t", environment="e", params={"token": "fine"})
         for step in range(10):
-            sink.on_step("secretive", event={"step": step, "reward": 1.0},
-                         cumulative_reward=step + 1.0)
-        sink.on_run_end("secretive", result={"completed": True, "steps": 10,
-                                             "total_reward": 10.0}, run_path=None)
+            sink.on_step(
+                "secretive", event={"step": step, "reward": 1.0}, cumulative_reward=step + 1.0
+            )
+        sink.on_run_end(
+            "secretive",
+            result={"completed": True, "steps": 10, "total_reward": 10.0},
+            run_path=None,
+        )
         assert sink.close(timeout=60)
         status = sink.status()
 
@@ -47,8 +54,13 @@ def test_passwords_and_tokens_are_redacted_everywhere(
     assert "refused by the test proxy" in dead_letters
     written = [p.read_bytes().decode(errors="replace") for p in spool.rglob("*") if p.is_file()]
     captured = capfd.readouterr()
-    for where, text in {"status": repr(status), "logs": repr(logs), "files": repr(written),
-                        "stdout": captured.out, "stderr": captured.err}.items():
+    for where, text in {
+        "status": repr(status),
+        "logs": repr(logs),
+        "files": repr(written),
+        "stdout": captured.out,
+        "stderr": captured.err,
+    }.items():
         assert PASSWORD not in text, where
         assert TOKEN not in text, where
     assert status["detail"] == f"http://rlm:***@127.0.0.1:{proxy.port}"

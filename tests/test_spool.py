@@ -36,7 +36,8 @@ def test_a_live_journal_is_not_an_orphan_and_a_dead_ones_records_come_back(tmp_p
 
 
 def test_replay_starts_at_the_acknowledged_position_with_the_runs_open_there(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     start = RunStart("r", 1.0, "env", 3, {}, "key1")
     journal = Journal(tmp_path, 1 << 30, {})
     position = journal.append([start, *steps(0, 2)])
@@ -51,7 +52,8 @@ def test_replay_starts_at_the_acknowledged_position_with_the_runs_open_there(
 
 
 def test_a_corrupt_record_is_reported_and_skipped_without_losing_its_neighbours(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     journal = write_journal(tmp_path, [steps(0, 2), steps(2, 2), steps(4, 2)])
     journal.close(remove=False)
     (segment,) = tmp_path.glob("journal-*/*.seg")

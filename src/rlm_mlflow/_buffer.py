@@ -41,7 +41,8 @@ class Buffer:
         self.wake_at = wake_at
         self._put_timeout = put_timeout
         self.wakeup = threading.Event()
-        self._room = threading.Condition()
+        # Re-entrant: a SIGTERM handler (close) may run while this thread is inside put.
+        self._room = threading.Condition(threading.RLock())
         self._waiting = 0  # producers blocked in _put_when_full
         self._closed = False
         self.dropped = 0

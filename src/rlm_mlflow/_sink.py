@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import signal
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from time import time
+from types import FrameType
 from typing import Any
 from uuid import uuid4
 
@@ -73,17 +75,26 @@ class MLflowSink:
                 hint="pip install 'rlm-mlflow[mlflow]'",
             )
             return
+        self.dead_letters = DeadLetters(_dead_letter_path(self.settings))
+        self._start_forwarder(replay_orphans=True)
+        _live_sinks.add(self)
+        _install_sigterm_handler()
+
+    def _start_forwarder(self, *, replay_orphans: bool) -> None:
+        """Buffer, worker, and (with a spool) this process's own journal."""
         s = self.settings
-        self.dead_letters = DeadLetters(_dead_letter_path(s))
         journal = None
         if s.spool_dir:
             journal = Journal(
-                Path(s.spool_dir), s.spool_max_bytes, journal_meta(experiment, tracking_uri)
+                Path(s.spool_dir),
+                s.spool_max_bytes,
+                journal_meta(self.experiment, self.tracking_uri),
             )
-            self._replayer = threading.Thread(
-                target=self._replay_orphans, name="rlm-mlflow-sync", daemon=True
-            )
-            self._replayer.start()
+            if replay_orphans:
+                self._replayer = threading.Thread(
+                    target=self._replay_orphans, name="rlm-mlflow-sync", daemon=True
+                )
+                self._replayer.start()
         overflow = None
         if journal is not None and s.when_full == "spill":
             overflow = Overflow(journal.dir / OVERFLOW_FILE)
@@ -98,13 +109,20 @@ class MLflowSink:
         self._worker = Worker(
             self._buffer,
             s,
-            tracking_uri,
-            experiment,
+            self.tracking_uri,
+            self.experiment,
             dead_letters=self.dead_letters,
             journal=journal,
         )
         self._worker.start()
-        _live_sinks.add(self)
+
+    def _restart_in_child(self) -> None:
+        """After os.fork(): the parent's queue, worker and journal stay the parent's. The child
+        starts empty (nothing of the parent's is sent twice) and has no runs open."""
+        self._close_lock = threading.Lock()
+        self._close_marker = None
+        self._replayer = None
+        self._start_forwarder(replay_orphans=False)
 
     def _replay_orphans(self) -> None:
         """Deliver what dead processes left in the spool (runs beside the live worker)."""
@@ -302,6 +320,38 @@ _live_sinks: set[MLflowSink] = set()
 def _close_live_sinks() -> None:
     for sink in list(_live_sinks):
         sink.close()
+
+
+def _restart_live_sinks_in_child() -> None:
+    for sink in list(_live_sinks):
+        sink._restart_in_child()
+
+
+os.register_at_fork(after_in_child=_restart_live_sinks_in_child)
+
+_previous_sigterm: Any = None
+_sigterm_installed = False
+
+
+def _install_sigterm_handler() -> None:
+    """On SIGTERM, close every sink (deliver, or journal, within close_timeout), then do what
+    the process did before: the user's handler, ignoring, or dying of the signal."""
+    global _previous_sigterm, _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    _sigterm_installed = True
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    log.warning("SIGTERM: closing the MLflow sink(s) before exit", sinks=len(_live_sinks))
+    _close_live_sinks()
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:  # the default: die of SIGTERM, as without us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 _register_atexit = getattr(threading, "_register_atexit", None)
