@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import structlog
 from conftest import Readback
 
 from rlm_mlflow import MLflowSink
@@ -298,21 +300,40 @@ def test_stored_time_is_the_hooks_time_not_the_send_time(
 def test_bad_events_are_counted_and_their_neighbours_land(
     tracking_uri: str, experiment: str, readback: Readback
 ) -> None:
+    bad_rewards: dict[int, object] = {
+        2: None, 4: "high", 5: True, 6: float("nan"), 7: float("inf"), 8: -float("inf"),
+    }
     sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
-    sink.on_step("early", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
-    sink.on_run_start("r", task="t", environment="e", params={})
-    for step in range(10):
-        reward: object = "high" if step == 4 else 1.0
-        sink.on_step("r", event={"step": step, "reward": reward}, cumulative_reward=1.0)
-    sink.on_step("r", event=None, cumulative_reward=1.0)  # type: ignore[arg-type]
-    sink.on_run_end("r", result=Result(True, 10, 9.0), run_path=None)
-    sink.on_run_end("r", result=Result(True, 10, 9.0), run_path=None)  # ended twice
-    assert sink.close(timeout=30)
+    with structlog.testing.capture_logs() as logs:
+        sink.on_step("early", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
+        sink.on_run_start("r", task="x" * 10_000_000, environment="e", params={
+            "ok": 1, "bad key!": 2, "nested": {"a": 1}, "huge": "y" * 7000})
+        for step in range(20):
+            reward = bad_rewards.get(step, np.float32(0.5) if step % 2 else 1.0)
+            sink.on_step("r", event={"step": step, "reward": reward}, cumulative_reward=1.0)
+        sink.on_step("r", event={"step": 3, "reward": 9.0}, cumulative_reward=9.0)  # repeated
+        sink.on_step("r", event={"step": -1, "reward": 1.0}, cumulative_reward=1.0)
+        sink.on_step("r", event={"step": 1.5, "reward": 1.0}, cumulative_reward=1.0)
+        sink.on_step("r", event={"reward": 1.0}, cumulative_reward=1.0)  # no step
+        sink.on_step("r", event=None, cumulative_reward=1.0)  # type: ignore[arg-type]
+        sink.on_run_end("r", result=Result(True, 20, 9.0), run_path=None)
+        sink.on_run_end("r", result=Result(True, 20, 9.0), run_path=None)  # ended twice
+        sink.on_run_end("ghost", result=Result(True, 1, 1.0), run_path=None)  # never started
+        assert sink.close(timeout=60)
 
     run = readback.runs()["r"]
-    assert [m.step for m in readback.history(run, "step_reward")] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    good = [s for s in range(20) if s not in bad_rewards]
+    history = readback.history(run, "step_reward")
+    assert [m.step for m in history] == good
+    assert {m.step: m.value for m in history}[3] == 0.5  # step 3 kept its first value
+    assert run.data.params == {"ok": "1", "environment": "e", "task_chars": "10000000"}
     assert run.info.status == "FINISHED"
     status = sink.status()
-    # step before start, a non-numeric reward, an event that is not a mapping, a second end
-    assert status["rejected"] == 4
-    assert (status["delivered"], status["failed"], status["pending"]) == (11, 0, 0)
+    # step before start; 6 bad rewards; repeated, negative, fractional and missing steps;
+    # an event that is not a mapping; a second end; an end of a run never started
+    assert status["rejected"] == 1 + 6 + 4 + 1 + 2
+    assert status["skipped"] == 3  # the three params MLflow would refuse or the seed skips
+    assert (status["delivered"], status["failed"], status["pending"]) == (2 + len(good), 0, 0)
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert all("reason" in e or "params" in e or "error" in e for e in warnings)
+    assert len(warnings) < 12, "rejections are logged once per run and hook, not per event"
