@@ -27,9 +27,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
-# Hook cost against the deque-append floor, interleaved, medians and ratio.
+# Every contender on the same workload and servers, interleaved rounds, medians and ratios;
+# writes benchmarks/results/latest.json and bench.png.
 bench: $(STAMP)
-	$(PY) benchmarks/hook_cost.py
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,333 @@
+"""`make bench`: every contender on the same RLM workload, against the same real servers.
+
+For each tracking store (an `mlflow server` with SQLite and 1 worker, the same with 4
+workers, the embedded `sqlite:///` store) the contenders run in rounds, each in a fresh
+process, in a rotated order so that none always runs first or last. Reported: medians over
+the rounds, and the ratios the targets are stated in. Then two scenarios on the 4-worker
+server: memory while the server is stopped (SIGSTOP) for --stall seconds, and the flush at
+shutdown of a 100,000-step run against the ceiling's time for the same data.
+
+Writes benchmarks/results/bench-<time>.json (and latest.json) and benchmarks/results/bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rlm_mlflow.testing import MlflowServer
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+
+#: contender: (runs, steps). The slow peers get fewer steps; their per-step cost and rate
+#: are what is compared, and the fast ones need enough data to reach a steady state.
+WORKLOAD = {
+    "floor": (4, 5000),
+    "ours": (4, 5000),
+    "raw-1": (4, 5000),
+    "raw-4": (4, 5000),
+    "mlflow-async-buffered": (4, 500),
+    "mlflow-async": (4, 50),
+    "seed-sync": (4, 10),
+}
+EMBEDDED = ["floor", "ours", "raw-1"]
+
+
+def run_contender(name: str, uri: str, runs: int, steps: int, **extra: Any) -> dict[str, Any]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if name == "mlflow-async-buffered":
+        env["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] = "1"
+    command = [
+        sys.executable,
+        str(HERE / "contenders.py"),
+        name,
+        "--uri",
+        uri,
+        "--runs",
+        str(runs),
+        "--steps",
+        str(steps),
+        "--experiment",
+        f"bench-{uuid.uuid4().hex[:8]}",
+    ]
+    for key, value in extra.items():
+        command += [f"--{key}", str(value)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=900, check=False
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"contender"')]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def median_of(samples: list[dict[str, Any]], key: str) -> float | None:
+    values = [s[key] for s in samples if s.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def rounds(uri: str, contenders: list[str], count: int) -> dict[str, list[dict[str, Any]]]:
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+    for r in range(count):
+        order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
+        for name in order:
+            runs, steps = WORKLOAD[name]
+            result = run_contender(name, uri, runs, steps)
+            samples[name].append(result)
+            print(
+                f"  round {r + 1}/{count} {name:<22} "
+                f"hook {fmt(result.get('hook_median_us'))} us  "
+                f"{fmt(result.get('metrics_per_s'))} metrics/s",
+                flush=True,
+            )
+    return samples
+
+
+def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "hook_median_us": median_of(runs, "hook_median_us"),
+            "hook_p99_us": median_of(runs, "hook_p99_us"),
+            "metrics_per_s": median_of(runs, "metrics_per_s"),
+            "delivered_s": median_of(runs, "delivered_s"),
+            "peak_rss_mb": median_of(runs, "peak_rss_mb"),
+            "time_to_first_hook_s": median_of(runs, "time_to_first_hook_s"),
+            "all_landed": all(r.get("all_landed", True) for r in runs),
+            "rounds": len(runs),
+            "workload": f"{runs[0]['runs']}x{runs[0]['steps']}",
+        }
+        for name, runs in samples.items()
+    }
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}g}" if value < 1000 else f"{value:,.0f}"
+
+
+def print_table(title: str, table: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    print(
+        f"{'contender':<22} {'workload':>9} {'hook med us':>12} {'hook p99 us':>12} "
+        f"{'metrics/s':>10} {'all on server s':>16} {'peak RSS MB':>12} {'landed':>7}"
+    )
+    for name, row in table.items():
+        print(
+            f"{name:<22} {row['workload']:>9} {fmt(row['hook_median_us']):>12} "
+            f"{fmt(row['hook_p99_us']):>12} {fmt(row['metrics_per_s']):>10} "
+            f"{fmt(row['delivered_s']):>16} {fmt(row['peak_rss_mb']):>12} "
+            f"{'yes' if row['all_landed'] else 'NO':>7}"
+        )
+
+
+def ratios(table: dict[str, dict[str, Any]]) -> list[tuple[str, float, str, bool]]:
+    """(what, measured ratio, target, met) for the targets of issue 4."""
+    ours = table["ours"]
+    ceiling = max(table["raw-1"]["metrics_per_s"], table.get("raw-4", {}).get("metrics_per_s") or 0)
+    checks = [
+        (
+            "our hook median / deque floor",
+            ours["hook_median_us"] / table["floor"]["hook_median_us"],
+            "<= 5",
+            ours["hook_median_us"] / table["floor"]["hook_median_us"] <= 5,
+        ),
+        ("our hook p99 (us)", ours["hook_p99_us"], "<= 20", ours["hook_p99_us"] <= 20),
+        (
+            "our throughput / best raw ceiling",
+            ours["metrics_per_s"] / ceiling,
+            ">= 0.90",
+            ours["metrics_per_s"] / ceiling >= 0.9,
+        ),
+    ]
+    if "mlflow-async" in table:
+        cheaper = table["mlflow-async"]["hook_median_us"] / ours["hook_median_us"]
+        checks.append(("mlflow async hook / our hook", cheaper, ">= 300", cheaper >= 300))
+    if "mlflow-async-buffered" in table:
+        faster = ours["metrics_per_s"] / table["mlflow-async-buffered"]["metrics_per_s"]
+        checks.append(("our throughput / mlflow async buffered", faster, ">= 2", faster >= 2))
+    if "seed-sync" in table:
+        checks.append(
+            (
+                "seed sink hook / our hook",
+                table["seed-sync"]["hook_median_us"] / ours["hook_median_us"],
+                "(info)",
+                True,
+            )
+        )
+    return checks
+
+
+def print_ratios(checks: list[tuple[str, float, str, bool]]) -> None:
+    for what, value, target, met in checks:
+        print(f"  {what:<42} {fmt(value):>10}   target {target:<8} {'met' if met else 'MISSED'}")
+
+
+def stall(server: MlflowServer, seconds: float) -> dict[str, Any]:
+    """Our sink's memory while the server is stopped and the loop runs at full speed."""
+    settings = {"when_full": "drop_newest"}  # the loop keeps its full speed; drops counted
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "contenders.py"),
+            "stall",
+            "--uri",
+            server.url,
+            "--seconds",
+            str(seconds),
+            "--settings",
+            json.dumps(settings),
+            "--no-verify",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    for line in child.stdout:
+        if line.startswith('{"ready"'):
+            break
+    assert server.process is not None
+    os.killpg(server.process.pid, signal.SIGSTOP)
+    try:
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        out = next(line for line in child.stdout if line.startswith('{"contender"'))
+    finally:
+        os.killpg(server.process.pid, signal.SIGCONT)
+    child.wait(timeout=300)  # its close delivers the backlog to the resumed server
+    result: dict[str, Any] = json.loads(out)
+    # The bound: a full buffer plus as much again in flight, at ~200 B an event (measured).
+    queue_size = 100_000
+    result["bound_mb"] = 2 * queue_size * 200 / (1 << 20)
+    result["within_bound"] = result["rss_growth_mb"] <= result["bound_mb"] * 1.5
+    return result
+
+
+def shutdown_flush(server: MlflowServer, rounds_: int, steps: int) -> dict[str, Any]:
+    """Flush at shutdown of one long run, against the best raw ceiling for the same data."""
+    samples: dict[str, list[dict[str, Any]]] = {"ours": [], "raw-4": [], "raw-1": []}
+    for r in range(rounds_):
+        order = ["ours", "raw-4", "raw-1"] if r % 2 == 0 else ["raw-1", "raw-4", "ours"]
+        for name in order:
+            samples[name].append(run_contender(name, server.url, 1, steps))
+    ours = statistics.median(s["delivered_s"] for s in samples["ours"])
+    ceiling = min(
+        statistics.median(s["delivered_s"] for s in samples[name]) for name in ("raw-1", "raw-4")
+    )
+    flush = statistics.median(s["flush_after_loop_s"] for s in samples["ours"])
+    return {
+        "steps": steps,
+        "rounds": rounds_,
+        "ours_all_on_server_s": ours,
+        "ours_flush_after_loop_s": flush,
+        "ceiling_s": ceiling,
+        "ratio": ours / ceiling,
+        "met": ours / ceiling <= 1.2,
+        "all_landed": all(s["all_landed"] for v in samples.values() for s in v),
+    }
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = results["stores"]["server-4-workers"]
+    names = [n for n in WORKLOAD if n in table]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    hooks = [table[n]["hook_median_us"] or 0 for n in names]
+    left.barh(names, hooks, color=["#2b8a3e" if n == "ours" else "#868e96" for n in names])
+    left.set_xscale("log")
+    left.set_xlabel("time in the loop per step, median (µs, log scale)")
+    left.invert_yaxis()
+    rates = [table[n]["metrics_per_s"] or 0 for n in names]
+    right.barh(names, rates, color=["#2b8a3e" if n == "ours" else "#868e96" for n in names])
+    right.set_xscale("log")
+    right.set_xlabel("delivered metrics per second (log scale)")
+    right.invert_yaxis()
+    right.set_yticklabels([])
+    fig.suptitle("rlm-mlflow vs peers: mlflow server (SQLite, 4 workers) on 127.0.0.1, 2 cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stall", type=float, default=30.0, help="seconds the server stops")
+    parser.add_argument("--flush-steps", type=int, default=100_000)
+    parser.add_argument("--flush-rounds", type=int, default=2)
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    started = time.time()
+    results: dict[str, Any] = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "stores": {},
+        "ratios": {},
+        "cpus": os.cpu_count(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, workers in (("server-1-worker", 1), ("server-4-workers", 4)):
+            print(f"\n== mlflow server, SQLite, --workers {workers}", flush=True)
+            with MlflowServer(Path(tmp) / label, workers=workers) as server:
+                table = summarize(rounds(server.url, list(WORKLOAD), args.rounds))
+                results["stores"][label] = table
+                results["ratios"][label] = ratios(table)
+                if workers == 4:
+                    print("  stall: server stopped while the loop runs", flush=True)
+                    results["stall"] = stall(server, args.stall)
+                    print("  flush at shutdown of a long run", flush=True)
+                    results["shutdown_flush"] = shutdown_flush(
+                        server, args.flush_rounds, args.flush_steps
+                    )
+        print("\n== embedded store (sqlite:///, no server)", flush=True)
+        uri = f"sqlite:///{Path(tmp) / 'embedded.db'}"
+        table = summarize(rounds(uri, EMBEDDED, args.rounds))
+        results["stores"]["embedded"] = table
+        results["ratios"]["embedded"] = ratios(table)
+    results["seconds"] = time.time() - started
+
+    for label, table in results["stores"].items():
+        print_table(f"{label} (medians of {args.rounds} rounds)", table)
+        print_ratios(results["ratios"][label])
+    s = results["stall"]
+    print(
+        f"\nserver stopped {args.stall:.0f} s, loop at full speed: {s['steps_logged']:,} steps, "
+        f"RSS +{s['rss_growth_mb']:.1f} MB (bound {s['bound_mb']:.0f} MB: "
+        f"{'within' if s['within_bound'] else 'EXCEEDED'}), {s['dropped']:,} dropped (counted)"
+    )
+    f = results["shutdown_flush"]
+    print(
+        f"{f['steps']:,}-step run: all on the server {f['ours_all_on_server_s']:.1f} s after "
+        f"the loop started (flush after the loop {f['ours_flush_after_loop_s']:.1f} s); "
+        f"ceiling {f['ceiling_s']:.1f} s; ratio {f['ratio']:.2f} (target <= 1.2: "
+        f"{'met' if f['met'] else 'MISSED'})"
+    )
+    ttfh = results["stores"]["server-4-workers"]["ours"]["time_to_first_hook_s"]
+    print(f"time to first hook (import rlm_mlflow + MLflowSink() + on_run_start): {ttfh:.3f} s")
+    print(f"total {results['seconds']:.0f} s")
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in (f"bench-{stamp}.json", "latest.json"):
+        (RESULTS / name).write_text(json.dumps(results, indent=2))
+    plot(results, RESULTS / "bench.png")
+    print(f"wrote {RESULTS / 'latest.json'} and {RESULTS / 'bench.png'}")
+
+
+if __name__ == "__main__":
+    main()

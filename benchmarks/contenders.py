@@ -1,0 +1,322 @@
+"""One contender, one workload, in a fresh process: prints one JSON line of figures.
+
+    python benchmarks/contenders.py NAME --uri URI --experiment EXP --runs R --steps S
+
+The workload is the RLM one: R runs, each with the seed's params and tags, S steps of two
+metrics (``step_reward``, ``cumulative_reward``) interleaved across the runs, then the
+seed's three summary metrics and the end of each run. Figures: per-step hook cost (the time
+the loop spends logging one step), time until everything is on the server, delivered
+metrics/s, peak RSS, and whether every point landed (read back with MlflowClient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+PARAMS = {"max_steps": 0, "model": "bench-model", "temperature": 0.2}
+TASK = "Create a DSPy signature"
+
+
+def reward(run: int, step: int) -> float:
+    return ((run * 7919 + step * 104729) % 1000) / 1000
+
+
+class Loop:
+    """Drives R runs x S steps through ``log_step`` and times each step's logging."""
+
+    def __init__(self, runs: int, steps: int, prefix: str) -> None:
+        self.run_ids = [f"{prefix}-{r}" for r in range(runs)]
+        self.steps = steps
+        self.step_ns: list[int] = []
+
+    def drive(self, log_step: Callable[[int, str, dict[str, Any], float], None]) -> None:
+        totals = [0.0] * len(self.run_ids)
+        clock = time.perf_counter_ns
+        samples = self.step_ns
+        for step in range(self.steps):
+            for r, run_id in enumerate(self.run_ids):
+                value = reward(r, step)
+                totals[r] += value
+                event = {"step": step, "reward": value}
+                started = clock()
+                log_step(r, run_id, event, totals[r])
+                samples.append(clock() - started)
+        self.totals = totals
+
+
+def figures(loop: Loop, started: float, done: float, metrics: int) -> dict[str, Any]:
+    ordered = sorted(loop.step_ns)
+    return {
+        "hook_median_us": statistics.median(ordered) / 1000 if ordered else None,
+        "hook_p99_us": ordered[int(len(ordered) * 0.99)] / 1000 if ordered else None,
+        "loop_s": sum(ordered) / 1e9,
+        "delivered_s": done - started,
+        "metrics": metrics,
+        "metrics_per_s": metrics / (done - started) if done > started else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_floor(args: argparse.Namespace) -> dict[str, Any]:
+    queue: deque[tuple[str, dict[str, Any], float]] = deque()
+
+    def hook(run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
+        queue.append((run_id, event, cumulative_reward))
+
+    loop = Loop(args.runs, args.steps, "floor")
+    started = time.perf_counter()
+    loop.drive(lambda r, run_id, event, total: hook(run_id, event=event, cumulative_reward=total))
+    return {
+        **figures(loop, started, time.perf_counter(), 0),
+        "metrics": None,
+        "metrics_per_s": None,
+        "delivered_s": None,
+    }
+
+
+def run_ours(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    from rlm_mlflow import MLflowSink
+
+    sink = MLflowSink(
+        True, experiment=args.experiment, tracking_uri=args.uri, **json.loads(args.settings)
+    )
+    loop = Loop(args.runs, args.steps, "ours")
+    for run_id in loop.run_ids:
+        sink.on_run_start(
+            run_id, task=TASK, environment="bench", params={**PARAMS, "max_steps": args.steps}
+        )
+    first_hook = time.perf_counter() - t0  # mlflow is imported by the worker, not here
+    sink.flush(timeout=120)  # like the raw ceiling, start the clock once the runs exist
+    started = time.perf_counter()
+    loop.drive(
+        lambda r, run_id, event, total: sink.on_step(run_id, event=event, cumulative_reward=total)
+    )
+    for r, run_id in enumerate(loop.run_ids):
+        sink.on_run_end(
+            run_id,
+            result={"completed": True, "steps": args.steps, "total_reward": loop.totals[r]},
+            run_path=None,
+        )
+    looped = time.perf_counter()
+    closed = sink.close(timeout=900)
+    done = time.perf_counter()
+    status = sink.status()
+    out = figures(loop, started, done, 2 * args.runs * args.steps)
+    out.update(
+        time_to_first_hook_s=first_hook,
+        flush_after_loop_s=done - looped,
+        closed=closed,
+        dropped=status.get("dropped"),
+        failed=status.get("failed"),
+    )
+    return out
+
+
+def run_seed(args: argparse.Namespace) -> dict[str, Any]:
+    """The seed's sink as its page shows it: fluent API, two blocking log_metric per step.
+    The fluent API has one active run, so runs go one after the other."""
+    import mlflow
+
+    mlflow.set_tracking_uri(args.uri)
+    mlflow.set_experiment(args.experiment)
+    loop = Loop(1, args.steps, "seed")
+    started = time.perf_counter()
+    for r in range(args.runs):
+        run_id = f"seed-{r}"
+        mlflow.start_run(run_name=run_id)
+        mlflow.log_params(
+            {**PARAMS, "max_steps": args.steps, "environment": "bench", "task_chars": len(TASK)}
+        )
+        mlflow.set_tags({"run_id": run_id, "component": "rlm-code-rlm"})
+        loop.run_ids = [run_id]
+
+        def log_step(_r: int, _id: str, event: dict[str, Any], total: float) -> None:
+            mlflow.log_metric("step_reward", float(event["reward"]), step=int(event["step"]))
+            mlflow.log_metric("cumulative_reward", total, step=int(event["step"]))
+
+        loop.drive(log_step)
+        mlflow.log_metrics(
+            {"completed": 1.0, "steps": float(args.steps), "total_reward": loop.totals[0]}
+        )
+        mlflow.end_run()
+    return figures(loop, started, time.perf_counter(), 2 * args.runs * args.steps)
+
+
+def run_mlflow_async(args: argparse.Namespace) -> dict[str, Any]:
+    """MLflow's own async logging, used as its docs show: an active run, log_metric with
+    synchronous=False, flushed at the end. One active run: runs go one after the other."""
+    import mlflow
+
+    mlflow.set_tracking_uri(args.uri)
+    mlflow.set_experiment(args.experiment)
+    loop = Loop(1, args.steps, "async")
+    started = time.perf_counter()
+    for r in range(args.runs):
+        run_id = f"async-{r}"
+        mlflow.start_run(run_name=run_id, tags={"run_id": run_id, "component": "rlm-code-rlm"})
+        mlflow.log_params({**PARAMS, "max_steps": args.steps}, synchronous=False)
+        loop.run_ids = [run_id]
+
+        def log_step(_r: int, _id: str, event: dict[str, Any], total: float) -> None:
+            mlflow.log_metric(
+                "step_reward", float(event["reward"]), step=int(event["step"]), synchronous=False
+            )
+            mlflow.log_metric(
+                "cumulative_reward", total, step=int(event["step"]), synchronous=False
+            )
+
+        loop.drive(log_step)
+        mlflow.log_metrics(
+            {"completed": 1.0, "steps": float(args.steps), "total_reward": loop.totals[0]},
+            synchronous=False,
+        )
+        mlflow.end_run()  # does not wait for the queued metrics
+    mlflow.flush_async_logging()
+    return figures(loop, started, time.perf_counter(), 2 * args.runs * args.steps)
+
+
+def run_raw(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """The ceiling: the same data as prebuilt 1,000-metric log_batch calls, no hooks at all."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    client = MlflowClient(args.uri)
+    experiment = client.get_experiment_by_name(args.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(args.experiment)
+    )
+    now = int(time.time() * 1000)
+    batches: list[tuple[int, list[Metric]]] = []
+    for r in range(args.runs):
+        rows = []
+        for step in range(args.steps):
+            rows.append(Metric("step_reward", reward(r, step), now + step, step))
+            rows.append(Metric("cumulative_reward", float(step), now + step, step))
+        batches += [(r, rows[i : i + 1000]) for i in range(0, len(rows), 1000)]
+    ids = []
+    for r in range(args.runs):
+        run = client.create_run(
+            experiment_id,
+            run_name=f"raw-{r}",
+            tags={"run_id": f"raw-{r}", "component": "rlm-code-rlm"},
+        )
+        ids.append(run.info.run_id)
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, str(v)) for k, v in {**PARAMS, "max_steps": args.steps}.items()],
+        )
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda rb: client.log_batch(ids[rb[0]], metrics=rb[1]), batches))
+    for mlflow_id in ids:
+        client.log_batch(mlflow_id, metrics=[Metric("total_reward", 1.0, now, 0)])
+        client.set_terminated(mlflow_id)
+    loop = Loop(0, 0, "raw")
+    return figures(loop, started, time.perf_counter(), 2 * args.runs * args.steps)
+
+
+def run_stall(args: argparse.Namespace) -> dict[str, Any]:
+    """Our sink while the server is stopped (SIGSTOP by the driver): RSS must stay bounded."""
+    from rlm_mlflow import MLflowSink
+
+    settings = json.loads(args.settings)
+    sink = MLflowSink(True, experiment=args.experiment, tracking_uri=args.uri, **settings)
+    sink.on_run_start("stall", task=TASK, environment="bench", params=PARAMS)
+    sink.flush(timeout=60)  # connected, the run exists: now the driver stops the server
+    print(json.dumps({"ready": True}), flush=True)
+    input()  # the driver says when the server is stopped
+    baseline = _rss_mb()
+    peak = baseline
+    stop = time.perf_counter() + args.seconds
+    step = 0
+    samples = 0
+    while time.perf_counter() < stop:
+        for _ in range(10_000):
+            sink.on_step("stall", event={"step": step, "reward": 0.5}, cumulative_reward=step)
+            step += 1
+        samples += 1
+        if samples % 10 == 0:
+            peak = max(peak, _rss_mb())
+    peak = max(peak, _rss_mb())
+    status = sink.status()
+    out = {
+        "steps_logged": step,
+        "rss_baseline_mb": baseline,
+        "rss_peak_mb": peak,
+        "rss_growth_mb": peak - baseline,
+        "dropped": status["dropped"],
+        "queued": status["queued"],
+        "pending": status["pending"],
+    }
+    return out
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+
+
+def verify(args: argparse.Namespace, prefix: str) -> bool:
+    """Every point of every run landed, exactly once."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(args.uri)
+    experiment = client.get_experiment_by_name(args.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.run_id LIKE '{prefix}-%'"
+    )
+    if len(runs) != args.runs:
+        return False
+    for run in runs:
+        for key in ("step_reward", "cumulative_reward"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            if sorted(steps) != list(range(args.steps)):
+                return False
+    return True
+
+
+CONTENDERS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str | None]] = {
+    "floor": (run_floor, None),
+    "ours": (run_ours, "ours"),
+    "seed-sync": (run_seed, "seed"),
+    "mlflow-async": (run_mlflow_async, "async"),
+    "mlflow-async-buffered": (run_mlflow_async, "async"),
+    "raw-1": (lambda a: run_raw(a, 1), "raw"),
+    "raw-4": (lambda a: run_raw(a, 4), "raw"),
+    "stall": (run_stall, None),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("name", choices=sorted(CONTENDERS))
+    parser.add_argument("--uri", required=True)
+    parser.add_argument("--experiment", default=f"bench-{uuid.uuid4().hex[:8]}")
+    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--settings", default="{}", help="JSON of MLflowSink settings")
+    parser.add_argument("--no-verify", action="store_true")
+    args = parser.parse_args()
+    contender, prefix = CONTENDERS[args.name]
+    out = contender(args)
+    if prefix is not None and not args.no_verify:
+        out["all_landed"] = verify(args, prefix)
+    print(json.dumps({"contender": args.name, "runs": args.runs, "steps": args.steps, **out}))
+
+
+if __name__ == "__main__":
+    main()
