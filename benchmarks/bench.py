@@ -210,33 +210,34 @@ def stall(server: MlflowServer, seconds: float) -> dict[str, Any]:
         os.killpg(server.process.pid, signal.SIGCONT)
     child.wait(timeout=300)  # its close delivers the backlog to the resumed server
     result: dict[str, Any] = json.loads(out)
-    # The bound: a full buffer plus as much again in flight, at ~200 B an event (measured).
+    # The bound: a full buffer plus as much again taken by the worker, at ~200 B an event
+    # (measured with tracemalloc), plus ~70 B per accepted step for the repeated-step check.
     queue_size = 100_000
-    result["bound_mb"] = 2 * queue_size * 200 / (1 << 20)
-    result["within_bound"] = result["rss_growth_mb"] <= result["bound_mb"] * 1.5
+    result["bound_mb"] = 2 * queue_size * (200 + 70) / (1 << 20)
+    result["within_bound"] = result["rss_growth_mb"] <= result["bound_mb"]
     return result
 
 
-def shutdown_flush(server: MlflowServer, rounds_: int, steps: int) -> dict[str, Any]:
-    """Flush at shutdown of one long run, against the best raw ceiling for the same data."""
-    samples: dict[str, list[dict[str, Any]]] = {"ours": [], "raw-4": [], "raw-1": []}
+def shutdown_flush(server: MlflowServer, ceiling: str, rounds_: int, steps: int) -> dict[str, Any]:
+    """Flush at shutdown of one long run, against the raw ceiling (the better of raw-1 and
+    raw-4 in this server's rounds) for the same data, interleaved."""
+    samples: dict[str, list[dict[str, Any]]] = {"ours": [], ceiling: []}
     for r in range(rounds_):
-        order = ["ours", "raw-4", "raw-1"] if r % 2 == 0 else ["raw-1", "raw-4", "ours"]
-        for name in order:
+        for name in ["ours", ceiling] if r % 2 == 0 else [ceiling, "ours"]:
             samples[name].append(run_contender(name, server.url, 1, steps))
     ours = statistics.median(s["delivered_s"] for s in samples["ours"])
-    ceiling = min(
-        statistics.median(s["delivered_s"] for s in samples[name]) for name in ("raw-1", "raw-4")
-    )
+    raw = statistics.median(s["delivered_s"] for s in samples[ceiling])
     flush = statistics.median(s["flush_after_loop_s"] for s in samples["ours"])
     return {
         "steps": steps,
         "rounds": rounds_,
+        "ceiling": ceiling,
         "ours_all_on_server_s": ours,
         "ours_flush_after_loop_s": flush,
-        "ceiling_s": ceiling,
-        "ratio": ours / ceiling,
-        "met": ours / ceiling <= 1.2,
+        "ceiling_s": raw,
+        "ratio": ours / raw,
+        "met": ours / raw <= 1.2,
+        "samples": {k: [s["delivered_s"] for s in v] for k, v in samples.items()},
         "all_landed": all(s["all_landed"] for v in samples.values() for s in v),
     }
 
@@ -271,7 +272,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stall", type=float, default=30.0, help="seconds the server stops")
     parser.add_argument("--flush-steps", type=int, default=100_000)
-    parser.add_argument("--flush-rounds", type=int, default=2)
+    parser.add_argument("--flush-rounds", type=int, default=3)
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     started = time.time()
@@ -292,8 +293,9 @@ def main() -> None:
                     print("  stall: server stopped while the loop runs", flush=True)
                     results["stall"] = stall(server, args.stall)
                     print("  flush at shutdown of a long run", flush=True)
+                    ceiling = max(("raw-1", "raw-4"), key=lambda n: table[n]["metrics_per_s"])
                     results["shutdown_flush"] = shutdown_flush(
-                        server, args.flush_rounds, args.flush_steps
+                        server, ceiling, args.flush_rounds, args.flush_steps
                     )
         print("\n== embedded store (sqlite:///, no server)", flush=True)
         uri = f"sqlite:///{Path(tmp) / 'embedded.db'}"
@@ -315,7 +317,7 @@ def main() -> None:
     print(
         f"{f['steps']:,}-step run: all on the server {f['ours_all_on_server_s']:.1f} s after "
         f"the loop started (flush after the loop {f['ours_flush_after_loop_s']:.1f} s); "
-        f"ceiling {f['ceiling_s']:.1f} s; ratio {f['ratio']:.2f} (target <= 1.2: "
+        f"ceiling ({f['ceiling']}) {f['ceiling_s']:.1f} s; ratio {f['ratio']:.2f} (target <= 1.2: "
         f"{'met' if f['met'] else 'MISSED'})"
     )
     ttfh = results["stores"]["server-4-workers"]["ours"]["time_to_first_hook_s"]

@@ -267,6 +267,13 @@ class Worker:
             position = self._journal.append(events)
         for event in drained:
             self._route(event)
+        # Wake for a drain when every open run has a full log_batch waiting, on average:
+        # waking at one batch's worth split over many runs sends many small requests, and a
+        # request's fixed cost at the server is what limits throughput.
+        per_batch = self._settings.batch_size // len(batcher.STEP_METRICS)
+        self._buffer.wake_at = max(
+            per_batch, min(per_batch * len(self._open), self._settings.queue_size // 2)
+        )
         if position is not None and not self._hold_acks:
             self._add_marker(Marker(ack=(position, [lane.start for lane in self._open.values()])))
 
