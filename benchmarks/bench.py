@@ -273,6 +273,11 @@ def main() -> None:
     parser.add_argument("--stall", type=float, default=30.0, help="seconds the server stops")
     parser.add_argument("--flush-steps", type=int, default=100_000)
     parser.add_argument("--flush-rounds", type=int, default=3)
+    parser.add_argument(
+        "--stores",
+        default="server-1-worker,server-4-workers,embedded",
+        help="which stores to run (comma-separated)",
+    )
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     started = time.time()
@@ -283,7 +288,10 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     with tempfile.TemporaryDirectory() as tmp:
+        stores = args.stores.split(",")
         for label, workers in (("server-1-worker", 1), ("server-4-workers", 4)):
+            if label not in stores:
+                continue
             print(f"\n== mlflow server, SQLite, --workers {workers}", flush=True)
             with MlflowServer(Path(tmp) / label, workers=workers) as server:
                 table = summarize(rounds(server.url, list(WORKLOAD), args.rounds))
@@ -297,16 +305,19 @@ def main() -> None:
                     results["shutdown_flush"] = shutdown_flush(
                         server, ceiling, args.flush_rounds, args.flush_steps
                     )
-        print("\n== embedded store (sqlite:///, no server)", flush=True)
-        uri = f"sqlite:///{Path(tmp) / 'embedded.db'}"
-        table = summarize(rounds(uri, EMBEDDED, args.rounds))
-        results["stores"]["embedded"] = table
-        results["ratios"]["embedded"] = ratios(table)
+        if "embedded" in stores:
+            print("\n== embedded store (sqlite:///, no server)", flush=True)
+            uri = f"sqlite:///{Path(tmp) / 'embedded.db'}"
+            table = summarize(rounds(uri, EMBEDDED, args.rounds))
+            results["stores"]["embedded"] = table
+            results["ratios"]["embedded"] = ratios(table)
     results["seconds"] = time.time() - started
 
     for label, table in results["stores"].items():
         print_table(f"{label} (medians of {args.rounds} rounds)", table)
         print_ratios(results["ratios"][label])
+    if "stall" not in results:
+        return
     s = results["stall"]
     print(
         f"\nserver stopped {args.stall:.0f} s, loop at full speed: {s['steps_logged']:,} steps, "

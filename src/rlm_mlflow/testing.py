@@ -40,18 +40,21 @@ class MlflowServer:
         self,
         root: Path,
         *,
-        backend_store_uri: str | None = None,
-        artifact_args: Sequence[str] | None = None,
+        store_args: Sequence[str] | None = None,
         workers: int = 1,
         port: int | None = None,
     ) -> None:
+        """``store_args`` are the backend and artifact options; by default a SQLite file and
+        an artifact root under ``root``; ``[]`` for the server's own defaults."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.backend_store_uri = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
-        self.artifact_args = (
-            list(artifact_args)
-            if artifact_args is not None
-            else ["--default-artifact-root", str(root / "artifacts")]
+        self.store_args = (
+            list(store_args)
+            if store_args is not None
+            else [
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--default-artifact-root", str(root / "artifacts"),
+            ]
         )
         self.workers = workers
         self.port = port or free_port()
@@ -65,17 +68,8 @@ class MlflowServer:
     def command(self) -> list[str]:
         mlflow = Path(sys.executable).with_name("mlflow")
         return [
-            str(mlflow),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--workers",
-            str(self.workers),
-            "--backend-store-uri",
-            self.backend_store_uri,
-            *self.artifact_args,
+            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
+            "--workers", str(self.workers), *self.store_args,
         ]
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
