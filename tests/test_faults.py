@@ -277,34 +277,51 @@ def test_a_sigkilled_process_is_delivered_by_the_next_start_on_its_spool(
 
 
 def test_a_param_relogged_with_another_value_is_dead_lettered_with_mlflows_reason(
-        mlflow_server: MlflowServer, tmp_path: Path, experiment: str) -> None:
+    mlflow_server: MlflowServer, tmp_path: Path, experiment: str
+) -> None:
     # A run that already exists for this start key (a replay after a crash finds it) with
     # param model=a; the journal says model=b. MLflow refuses to change a param.
     client = MlflowClient(mlflow_server.url)
-    existing = client.create_run(client.create_experiment(experiment), run_name="relogged",
-                                 tags={"rlm_mlflow.run_key": "key-1", "run_id": "relogged"})
+    existing = client.create_run(
+        client.create_experiment(experiment),
+        run_name="relogged",
+        tags={"rlm_mlflow.run_key": "key-1", "run_id": "relogged"},
+    )
     client.log_param(existing.info.run_id, "model", "model-a")
     spool = tmp_path / "spool"
     journal = Journal(spool, 1 << 30, journal_meta(experiment, None))
     now = time.time()
-    journal.append([
-        RunStart("relogged", now, "env", 4, {"model": "model-b", "seed": 7}, "key-1"),
-        *[Step("relogged", i, 1.0, i + 1.0, now) for i in range(10)],
-        RunEnd("relogged", now, True, 10, 10.0, None),
-    ])
+    journal.append(
+        [
+            RunStart("relogged", now, "env", 4, {"model": "model-b", "seed": 7}, "key-1"),
+            *[Step("relogged", i, 1.0, i + 1.0, now) for i in range(10)],
+            RunEnd("relogged", now, True, 10, 10.0, None),
+        ]
+    )
     journal.close(remove=False)  # as if its process had died
 
-    done = subprocess.run([CLI, "sync", str(spool), "--tracking-uri", mlflow_server.url],
-                          capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [CLI, "sync", str(spool), "--tracking-uri", mlflow_server.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert "dead-lettered 1" in done.stdout
 
     run = client.get_run(existing.info.run_id)
-    assert run.data.params == {"model": "model-a", "seed": "7", "environment": "env",
-                               "task_chars": "4"}
+    assert run.data.params == {
+        "model": "model-a",
+        "seed": "7",
+        "environment": "env",
+        "task_chars": "4",
+    }
     assert len(client.get_metric_history(run.info.run_id, "step_reward")) == 10
     assert run.info.status == "FINISHED"
-    (record,) = [json.loads(line) for line in (spool / "dead-letter.jsonl").read_text().splitlines()]
+    (record,) = [
+        json.loads(line) for line in (spool / "dead-letter.jsonl").read_text().splitlines()
+    ]
     assert record["call"] == "log_params"
     assert record["entities"] == [{"key": "model", "value": "model-b"}]
     assert "model" in record["reason"] and "INVALID_PARAMETER_VALUE" in record["reason"]

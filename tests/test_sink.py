@@ -301,13 +301,22 @@ def test_bad_events_are_counted_and_their_neighbours_land(
     tracking_uri: str, experiment: str, readback: Readback
 ) -> None:
     bad_rewards: dict[int, object] = {
-        2: None, 4: "high", 5: True, 6: float("nan"), 7: float("inf"), 8: -float("inf"),
+        2: None,
+        4: "high",
+        5: True,
+        6: float("nan"),
+        7: float("inf"),
+        8: -float("inf"),
     }
     sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
     with structlog.testing.capture_logs() as logs:
         sink.on_step("early", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
-        sink.on_run_start("r", task="x" * 10_000_000, environment="e", params={
-            "ok": 1, "bad key!": 2, "nested": {"a": 1}, "huge": "y" * 7000})
+        sink.on_run_start(
+            "r",
+            task="x" * 10_000_000,
+            environment="e",
+            params={"ok": 1, "bad key!": 2, "nested": {"a": 1}, "huge": "y" * 7000},
+        )
         for step in range(20):
             reward = bad_rewards.get(step, np.float32(0.5) if step % 2 else 1.0)
             sink.on_step("r", event={"step": step, "reward": reward}, cumulative_reward=1.0)
