@@ -74,3 +74,10 @@ def run_dir(tmp_path: Path) -> Path:
     path = tmp_path / "runs"
     path.mkdir()
     return path
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Async tests run on both of anyio's backends (anyio's own pytest plugin)."""
+    backend: str = request.param
+    return backend

@@ -41,6 +41,7 @@ class Buffer:
         self.wake_at = wake_at
         self._put_timeout = put_timeout
         self.wakeup = threading.Event()
+        self.loop_thread: int | None = None  # set when the worker runs in the caller's loop
         # Re-entrant: a SIGTERM handler (close) may run while this thread is inside put.
         self._room = threading.Condition(threading.RLock())
         self._waiting = 0  # producers blocked in _put_when_full
@@ -96,6 +97,8 @@ class Buffer:
             self._drop("buffer full")
 
     def _wait_for_room(self) -> bool:
+        if threading.get_ident() == self.loop_thread:
+            return False  # the worker runs on this very thread: waiting could never end
         deadline = time.monotonic() + self._put_timeout
         self._waiting += 1
         try:

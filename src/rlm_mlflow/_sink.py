@@ -15,10 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from time import time
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 from uuid import uuid4
 
+import anyio
+import anyio.to_thread
 import structlog
+from anyio.abc import TaskGroup
 
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
@@ -50,9 +53,14 @@ class MLflowSink:
         tracking_uri: str | None = None,
         *,
         settings: Settings | None = None,
+        worker: Literal["thread", "task"] = "thread",
         **overrides: Any,
     ) -> None:
+        if worker not in ("thread", "task"):
+            raise ValueError(f"worker must be 'thread' or 'task', got {worker!r}")
         self.enabled = enabled
+        self._task_mode = worker == "task"  # the worker runs inside `async with sink:`
+        self._task_group: TaskGroup | None = None
         self.experiment = experiment
         self.tracking_uri = tracking_uri
         self.settings = (
@@ -77,8 +85,9 @@ class MLflowSink:
             return
         self.dead_letters = DeadLetters(_dead_letter_path(self.settings))
         self._start_forwarder(replay_orphans=True)
-        _live_sinks.add(self)
-        _install_sigterm_handler()
+        if not self._task_mode:  # a task-mode sink's life is its `async with` block
+            _live_sinks.add(self)
+            _install_sigterm_handler()
 
     def _start_forwarder(self, *, replay_orphans: bool) -> None:
         """Buffer, worker, and (with a spool) this process's own journal."""
@@ -114,7 +123,8 @@ class MLflowSink:
             dead_letters=self.dead_letters,
             journal=journal,
         )
-        self._worker.start()
+        if not self._task_mode:
+            self._worker.start()
 
     def _restart_in_child(self) -> None:
         """After os.fork(): the parent's queue, worker and journal stay the parent's. The child
@@ -236,6 +246,10 @@ class MLflowSink:
         assert self._buffer is not None and self._worker is not None
         if timeout is None:
             timeout = self.settings.close_timeout
+        if self._buffer.loop_thread == threading.get_ident():
+            log.warning("flush()/close() called on the event loop the worker runs in; "
+                        "await aflush()/aclose() instead", call=what)
+            return marker.done.is_set()
         if marker.done.wait(timeout if self._worker.alive else 0):
             return True
         log.warning("timed out", call=what, timeout=timeout, pending=self.status()["pending"])
@@ -246,6 +260,33 @@ class MLflowSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    # -- async face (anyio: asyncio or trio) ---------------------------------------------------
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """`flush` without blocking the event loop."""
+        return await anyio.to_thread.run_sync(self.flush, timeout)
+
+    async def aclose(self, timeout: float | None = None) -> bool:
+        """`close` without blocking the event loop."""
+        return await anyio.to_thread.run_sync(self.close, timeout)
+
+    async def __aenter__(self) -> MLflowSink:
+        """With ``worker="task"`` the worker runs as a task of this block's task group, in
+        the caller's event loop, instead of in a thread of its own."""
+        if self._task_mode and self._worker is not None and self._buffer is not None:
+            self._task_group = anyio.create_task_group()
+            await self._task_group.__aenter__()
+            self._buffer.loop_thread = threading.get_ident()
+            self._task_group.start_soon(self._worker.run, name="rlm-mlflow worker")
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self.aclose()
+        finally:
+            if self._task_group is not None:
+                await self._task_group.__aexit__(None, None, None)
 
     # -- status ------------------------------------------------------------------------------
 

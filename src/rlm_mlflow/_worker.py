@@ -117,34 +117,43 @@ class Worker:
         self._hold_acks = False  # something is kept for a later replay: the journal must stay
         self._rejections_logged: set[tuple[object, str]] = set()
         self._abort = False
+        self._running = False
         self._tg: TaskGroup | None = None
         self._thread = threading.Thread(target=self._thread_main, name="rlm-mlflow", daemon=True)
 
     # -- caller's side -------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._running = True  # from now: flush() may wait for it
         self._thread.start()
 
     def abort(self, join_timeout: float) -> None:
-        """Cancel whatever is still in flight and stop the thread."""
+        """Cancel whatever is still in flight and stop the worker."""
         self._abort = True
         self._buffer.wakeup.set()
-        self._thread.join(join_timeout)
+        if self._thread.ident is not None:  # a task-mode worker has no thread to join
+            self._thread.join(join_timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._running
 
     # -- the loop ------------------------------------------------------------------------------
 
     def _thread_main(self) -> None:
+        anyio.run(self.run)
+
+    async def run(self) -> None:
+        """The worker's whole life: in its own thread, or as a task of the caller's loop."""
+        self._running = True
         try:
-            anyio.run(self._main)
+            await self._main()
         except Exception as exc:  # a bug of ours: say so, and do not leave flush() hanging
             log.exception("worker crashed", error=str(exc))
             self.stats.last_error = f"worker crashed: {exc!r}"
             self._buffer.close()  # hooks must not wait on a buffer nobody drains
         finally:
+            self._running = False
             for marker, _ in self._markers:
                 marker.done.set()
 

@@ -52,8 +52,10 @@ class MlflowServer:
             list(store_args)
             if store_args is not None
             else [
-                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                "--default-artifact-root", str(root / "artifacts"),
+                "--backend-store-uri",
+                f"sqlite:///{root / 'mlflow.db'}",
+                "--default-artifact-root",
+                str(root / "artifacts"),
             ]
         )
         self.workers = workers
@@ -68,8 +70,15 @@ class MlflowServer:
     def command(self) -> list[str]:
         mlflow = Path(sys.executable).with_name("mlflow")
         return [
-            str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", str(self.workers), *self.store_args,
+            str(mlflow),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            *self.store_args,
         ]
 
     def start(self, timeout: float = 120.0) -> MlflowServer:
