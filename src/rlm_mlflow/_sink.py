@@ -247,8 +247,11 @@ class MLflowSink:
         if timeout is None:
             timeout = self.settings.close_timeout
         if self._buffer.loop_thread == threading.get_ident():
-            log.warning("flush()/close() called on the event loop the worker runs in; "
-                        "await aflush()/aclose() instead", call=what)
+            log.warning(
+                "flush()/close() called on the event loop the worker runs in; "
+                "await aflush()/aclose() instead",
+                call=what,
+            )
             return marker.done.is_set()
         if marker.done.wait(timeout if self._worker.alive else 0):
             return True

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,11 +22,16 @@ import structlog
 
 from ._deadletter import DeadLetters
 from ._redact import redact_uri
-from ._settings import Settings
+from ._settings import Settings, env_name
 from ._sink import MLflowSink
 from ._sync import sync
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+KNOWN_SCHEMES = frozenset(
+    {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks"}
+)
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
 
 
 @dataclass(frozen=True)
@@ -150,11 +158,61 @@ def total_steps(steps: int, max_depth: int) -> int:
     return sum((2**d) * max(steps >> d, 1) for d in range(max_depth + 1))
 
 
+class CliError(Exception):
+    """A one-line message for the user, and the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def settings_from(args: argparse.Namespace, **fixed: Any) -> Settings:
+    """Defaults, then DSPY_RLM_MLFLOW_* variables, then the flags given."""
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Settings)
+        if getattr(args, f.name, None) is not None
+    }
+    try:
+        return Settings.from_env(**{**given, **fixed})
+    except ValueError as exc:
+        raise CliError(f"bad setting: {exc}") from None
+
+
+def resolve_uri(args: argparse.Namespace) -> str:
+    uri: str = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme.split("+", 1)[0] not in KNOWN_SCHEMES:
+        raise CliError(
+            f"unsupported tracking URI {redact_uri(uri)!r}: use http(s)://host:port, "
+            "sqlite:///path.db, or a database URI (postgresql://, mysql://)"
+        )
+    return uri
+
+
+def preflight(uri: str, spooled: bool) -> None:
+    """Fail fast, in one line, when a tracking server is not there (unless journalling)."""
+    if not uri.startswith(("http://", "https://")) or spooled:
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+            return
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CliError(
+            f"cannot reach the tracking server at {redact_uri(uri)} ({reason}); "
+            "start it, or pass --spool-dir to journal offline and sync later",
+            EXIT_UNREACHABLE,
+        ) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    tracking_uri = (
-        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    tracking_uri = resolve_uri(args)
+    settings = settings_from(args)
+    preflight(tracking_uri, bool(settings.spool_dir))
+    sink = MLflowSink(
+        True, experiment=args.experiment, tracking_uri=tracking_uri, settings=settings
     )
-    sink = MLflowSink(True, experiment=args.experiment, tracking_uri=tracking_uri)
     plan = Plan(args.task, args.environment, args.steps, args.depth, args.seed, Path(args.run_dir))
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     batch = f"rlm-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
@@ -191,8 +249,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     sink = MLflowSink.from_env()
-    print(json.dumps(sink.status(), indent=2))
+    status = sink.status()
     sink.close(timeout=1.0)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    width = max(len(key) for key in status)
+    for key, value in status.items():
+        print(f"{key:<{width}}  {value}")
     return 0
 
 
@@ -201,10 +265,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if not spool.is_dir():
         print(f"rlm-mlflow sync: {spool} is not a directory", file=sys.stderr)
         return 2
-    tracking_uri = (
-        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    )
-    settings = Settings.from_env(spool_dir=str(spool))
+    tracking_uri = resolve_uri(args)
+    preflight(tracking_uri, spooled=False)
+    settings = settings_from(args, spool_dir=str(spool))
     replayed = 0
     started = time.perf_counter()
 
@@ -263,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--flush-timeout", type=float, default=600.0, help="seconds to wait for delivery at the end"
     )
+    add_setting_flags(run)
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="print the sink's status() as configured by the env")
+    status.add_argument("--json", action="store_true", help="JSON instead of a table")
     status.set_defaults(func=cmd_status)
     sync_ = sub.add_parser(
         "sync",
@@ -277,15 +342,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"MLflow tracking URI (env MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
     )
+    add_setting_flags(sync_, skip=("spool_dir", "when_full", "spool_max_bytes"))
     sync_.set_defaults(func=cmd_sync)
     return parser
 
 
+def add_setting_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """Every setting as a flag; its help names the variable and the default."""
+    group = parser.add_argument_group("sink settings (a flag wins over its variable)")
+    for f in dataclasses.fields(Settings):
+        if f.name in skip:
+            continue
+        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        help_text = f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})"
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=kind,
+            default=argparse.SUPPRESS,
+            help=help_text.replace("%", "%%"),
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 done but something was not delivered, 2 bad usage or setting,
+    3 tracking server unreachable."""
     args = build_parser().parse_args(argv)
     # Log lines go to stderr; stdout carries the results.
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except CliError as exc:
+        print(f"rlm-mlflow: {exc}", file=sys.stderr)
+        return exc.code
     return code
 
 
