@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench bench-scale clean
+.PHONY: install run ui test lint bench bench-scale clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/rlm-mlflow run --task "Create a DSPy signature" --environment dspy \
 		--steps 2000 --runs 2 --depth 1
+
+# The MLflow UI on what `make run` wrote: http://127.0.0.1:5000
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -154,6 +155,14 @@ def run_rlm(
     sink.on_run_end(run_id, result=Result(True, steps, cumulative), run_path=trajectory)
 
 
+def mlflow_command() -> str:
+    """``mlflow`` when it is on PATH, else the one installed beside this Python (a venv)."""
+    beside = Path(sys.executable).with_name("mlflow")
+    if shutil.which("mlflow") is None and beside.exists():
+        return str(beside)
+    return "mlflow"
+
+
 def total_steps(steps: int, max_depth: int) -> int:
     return sum((2**d) * max(steps >> d, 1) for d in range(max_depth + 1))
 
@@ -242,7 +251,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if tracking_uri.startswith(("http://", "https://")):
         print(f"open: {tracking_uri}")
     else:
-        print(f"open: mlflow ui --backend-store-uri {tracking_uri}   (then http://127.0.0.1:5000)")
+        print(
+            f"open: {mlflow_command()} ui --backend-store-uri {tracking_uri}   "
+            "(then http://127.0.0.1:5000)"
+        )
     ok = flushed and not (status.get("failed") or status.get("dropped") or status.get("rejected"))
     return 0 if ok else 1
 
