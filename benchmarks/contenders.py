@@ -123,66 +123,40 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def run_seed(args: argparse.Namespace) -> dict[str, Any]:
-    """The seed's sink as its page shows it: fluent API, two blocking log_metric per step.
-    The fluent API has one active run, so runs go one after the other."""
+def run_fluent(args: argparse.Namespace, prefix: str, synchronous: bool) -> dict[str, Any]:
+    """MLflow's fluent API, as the seed's sink uses it (``synchronous=True``: two blocking
+    log_metric calls per step) and as MLflow's async logging is documented
+    (``synchronous=False``, flushed at the end). One active run: runs go one after another."""
     import mlflow
 
     mlflow.set_tracking_uri(args.uri)
     mlflow.set_experiment(args.experiment)
-    loop = Loop(1, args.steps, "seed")
+    loop = Loop(1, args.steps, prefix)
     started = time.perf_counter()
     for r in range(args.runs):
-        run_id = f"seed-{r}"
-        mlflow.start_run(run_name=run_id)
-        mlflow.log_params(
-            {**PARAMS, "max_steps": args.steps, "environment": "bench", "task_chars": len(TASK)}
-        )
-        mlflow.set_tags({"run_id": run_id, "component": "rlm-code-rlm"})
-        loop.run_ids = [run_id]
-
-        def log_step(_r: int, _id: str, event: dict[str, Any], total: float) -> None:
-            mlflow.log_metric("step_reward", float(event["reward"]), step=int(event["step"]))
-            mlflow.log_metric("cumulative_reward", total, step=int(event["step"]))
-
-        loop.drive(log_step)
-        mlflow.log_metrics(
-            {"completed": 1.0, "steps": float(args.steps), "total_reward": loop.totals[0]}
-        )
-        mlflow.end_run()
-    return figures(loop, started, time.perf_counter(), 2 * args.runs * args.steps)
-
-
-def run_mlflow_async(args: argparse.Namespace) -> dict[str, Any]:
-    """MLflow's own async logging, used as its docs show: an active run, log_metric with
-    synchronous=False, flushed at the end. One active run: runs go one after the other."""
-    import mlflow
-
-    mlflow.set_tracking_uri(args.uri)
-    mlflow.set_experiment(args.experiment)
-    loop = Loop(1, args.steps, "async")
-    started = time.perf_counter()
-    for r in range(args.runs):
-        run_id = f"async-{r}"
+        run_id = f"{prefix}-{r}"
         mlflow.start_run(run_name=run_id, tags={"run_id": run_id, "component": "rlm-code-rlm"})
-        mlflow.log_params({**PARAMS, "max_steps": args.steps}, synchronous=False)
+        mlflow.log_params(
+            {**PARAMS, "max_steps": args.steps, "environment": "bench", "task_chars": len(TASK)},
+            synchronous=synchronous,
+        )
         loop.run_ids = [run_id]
 
         def log_step(_r: int, _id: str, event: dict[str, Any], total: float) -> None:
+            step = int(event["step"])
             mlflow.log_metric(
-                "step_reward", float(event["reward"]), step=int(event["step"]), synchronous=False
+                "step_reward", float(event["reward"]), step=step, synchronous=synchronous
             )
-            mlflow.log_metric(
-                "cumulative_reward", total, step=int(event["step"]), synchronous=False
-            )
+            mlflow.log_metric("cumulative_reward", total, step=step, synchronous=synchronous)
 
         loop.drive(log_step)
         mlflow.log_metrics(
             {"completed": 1.0, "steps": float(args.steps), "total_reward": loop.totals[0]},
-            synchronous=False,
+            synchronous=synchronous,
         )
-        mlflow.end_run()  # does not wait for the queued metrics
-    mlflow.flush_async_logging()
+        mlflow.end_run()  # with synchronous=False it does not wait for the queued metrics
+    if not synchronous:
+        mlflow.flush_async_logging()
     return figures(loop, started, time.perf_counter(), 2 * args.runs * args.steps)
 
 
@@ -292,9 +266,9 @@ def verify(args: argparse.Namespace, prefix: str) -> bool:
 CONTENDERS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str | None]] = {
     "floor": (run_floor, None),
     "ours": (run_ours, "ours"),
-    "seed-sync": (run_seed, "seed"),
-    "mlflow-async": (run_mlflow_async, "async"),
-    "mlflow-async-buffered": (run_mlflow_async, "async"),
+    "seed-sync": (lambda a: run_fluent(a, "seed", synchronous=True), "seed"),
+    "mlflow-async": (lambda a: run_fluent(a, "async", synchronous=False), "async"),
+    "mlflow-async-buffered": (lambda a: run_fluent(a, "async", synchronous=False), "async"),
     "raw-1": (lambda a: run_raw(a, 1), "raw"),
     "raw-4": (lambda a: run_raw(a, 4), "raw"),
     "stall": (run_stall, None),

@@ -197,24 +197,21 @@ def test_server_down_for_the_whole_run_then_sync_delivers_everything_once(
 
     with MlflowServer(tmp_path / "late-server", port=port) as server:
         env = {**os.environ, "MLFLOW_TRACKING_URI": server.url}
-        first = subprocess.run(
-            [CLI, "sync", str(spool)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+
+        def sync() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [CLI, "sync", str(spool)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+
+        first = sync()
         assert first.returncode == 0, first.stderr
         assert "synced 1 journal(s)" in first.stdout and "8000 metrics" in first.stdout
-        second = subprocess.run(
-            [CLI, "sync", str(spool)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        second = sync()
         assert second.returncode == 0 and "synced 0 journal(s)" in second.stdout
 
         readback = Readback(server.url, experiment)
