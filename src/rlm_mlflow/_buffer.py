@@ -147,6 +147,10 @@ class Buffer:
             burst, self._burst = self._burst, 0
         return burst
 
+    def close_overflow(self) -> None:
+        if self._overflow is not None:
+            self._overflow.close()
+
     def close(self) -> None:
         """From now on every put is dropped (and counted); markers still pass."""
         with self._room:

@@ -129,6 +129,8 @@ class MLflowSink:
     def _restart_in_child(self) -> None:
         """After os.fork(): the parent's queue, worker and journal stay the parent's. The child
         starts empty (nothing of the parent's is sent twice) and has no runs open."""
+        if self._worker is not None:  # let go of the parent's files (its flock stays its own)
+            self._worker.release_files_after_fork()
         self._close_lock = threading.Lock()
         self._close_marker = None
         self._replayer = None
@@ -237,6 +239,7 @@ class MLflowSink:
         self._buffer.close()
         done = self._wait(marker, timeout, "close")
         self._worker.abort(join_timeout=5.0)  # a no-op join when it already stopped
+        self._buffer.close_overflow()
         if self._replayer is not None:
             self._replayer.join(timeout if timeout is not None else self.settings.close_timeout)
         _live_sinks.discard(self)

@@ -138,6 +138,12 @@ class Worker:
     def alive(self) -> bool:
         return self._running
 
+    def release_files_after_fork(self) -> None:
+        """In a forked child: close the inherited journal and spill files, never write them."""
+        if self._journal is not None:
+            self._journal.close(remove=False)
+        self._buffer.close_overflow()
+
     # -- the loop ------------------------------------------------------------------------------
 
     def _thread_main(self) -> None:
