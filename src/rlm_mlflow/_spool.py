@@ -178,6 +178,8 @@ class Overflow:
         return self._write_at - self._read_at
 
     def push(self, event: RunEvent) -> None:
+        if self._fd < 0:
+            raise OSError("the spill file is closed")  # counted as a hook error, not raised
         payload = encode([event])
         record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
         os.pwrite(self._fd, record, self._write_at)
@@ -209,7 +211,10 @@ class Overflow:
         return out
 
     def close(self) -> None:
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._count = 0  # what is left was journalled by the worker or is in the file
 
 
 # -- replay side ---------------------------------------------------------------------------------
