@@ -155,8 +155,8 @@ class Worker:
         try:
             await self._main()
         except Exception as exc:  # a bug of ours: say so, and do not leave flush() hanging
-            log.exception("worker crashed", error=str(exc))
-            self.stats.last_error = f"worker crashed: {exc!r}"
+            log.exception("worker crashed", error=redact_text(str(exc)))
+            self.stats.last_error = redact_text(f"worker crashed: {exc!r}")
             self._buffer.close()  # hooks must not wait on a buffer nobody drains
         finally:
             self._running = False
@@ -317,10 +317,6 @@ class Worker:
         elif isinstance(event, RunEnd):
             del self._open[event.run_id]
         self._enqueue(lane, event)
-
-    def restore_open_run(self, start: RunStart) -> None:
-        """Replay: a run that was open at the journal's acknowledged position."""
-        self._route(start)
 
     def _enqueue(self, lane: Lane, event: Event) -> None:
         lane.pending.append(event)
