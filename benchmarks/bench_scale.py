@@ -10,7 +10,6 @@ max_in_flight). Reported: aggregate delivered metrics/s of each and their ratio 
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import statistics
 import subprocess
@@ -20,12 +19,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import psycopg2
-
-from rlm_mlflow.testing import MlflowServer
+from rlm_mlflow.testing import MlflowServer, scratch_postgres_database
 
 HERE = Path(__file__).parent
-PG = {"host": "127.0.0.1", "port": 5432, "dbname": "test", "user": getpass.getuser()}
 
 
 def one_round(url: str, contender: str, processes: int, runs: int, steps: int) -> dict[str, Any]:
@@ -71,36 +67,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2_500)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    database = f"rlm_mlflow_bench_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(**PG)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{database}"')
     samples: dict[str, list[dict[str, Any]]] = {"ours": [], "raw-4": []}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            store = [
-                "--backend-store-uri",
-                f"postgresql://{PG['user']}@{PG['host']}:{PG['port']}/{database}",
-                "--artifacts-destination",
-                str(Path(tmp) / "artifacts"),
-            ]
-            with MlflowServer(Path(tmp), store_args=store, workers=4) as server:
-                for r in range(args.rounds):
-                    for name in ["ours", "raw-4"] if r % 2 == 0 else ["raw-4", "ours"]:
-                        result = one_round(server.url, name, args.processes, args.runs, args.steps)
-                        samples[name].append(result)
-                        print(
-                            f"round {r + 1}/{args.rounds} {name:<6} "
-                            f"{result['metrics_per_s']:,.0f} metrics/s "
-                            f"({result['metrics']:,} metrics, slowest process "
-                            f"{result['slowest_s']:.1f} s)",
-                            flush=True,
-                        )
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
+    with (
+        scratch_postgres_database("rlm_mlflow_bench") as database,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        store = [
+            "--backend-store-uri",
+            database,
+            "--artifacts-destination",
+            str(Path(tmp) / "artifacts"),
+        ]
+        with MlflowServer(Path(tmp), store_args=store, workers=4) as server:
+            for r in range(args.rounds):
+                for name in ["ours", "raw-4"] if r % 2 == 0 else ["raw-4", "ours"]:
+                    result = one_round(server.url, name, args.processes, args.runs, args.steps)
+                    samples[name].append(result)
+                    print(
+                        f"round {r + 1}/{args.rounds} {name:<6} "
+                        f"{result['metrics_per_s']:,.0f} metrics/s "
+                        f"({result['metrics']:,} metrics, slowest process "
+                        f"{result['slowest_s']:.1f} s)",
+                        flush=True,
+                    )
     ours = statistics.median(s["metrics_per_s"] for s in samples["ours"])
     ceiling = statistics.median(s["metrics_per_s"] for s in samples["raw-4"])
     print(

@@ -4,41 +4,26 @@ processes against one server on PostgreSQL."""
 
 from __future__ import annotations
 
-import getpass
 import json
 import subprocess
 import sys
 import textwrap
 import urllib.parse
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg2
 import pytest
 
 from rlm_mlflow import MLflowSink
-from rlm_mlflow.testing import MlflowServer
-
-PG = {"host": "127.0.0.1", "port": 5432, "dbname": "test", "user": getpass.getuser()}
+from rlm_mlflow.testing import MlflowServer, scratch_postgres_database
 
 
 @pytest.fixture
 def postgres_db() -> Iterator[str]:
-    """A database of its own on this machine's PostgreSQL, dropped afterwards."""
-    name = f"rlm_mlflow_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(**PG)
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with scratch_postgres_database() as uri:
+        yield uri
 
 
 def rest(server: MlflowServer, endpoint: str, **query: Any) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """rlm-mlflow: forward RLM benchmark runs to MLflow, asynchronously and in batches."""
 
-from ._settings import Settings
-from ._sink import DEFAULT_EXPERIMENT, MLflowSink
+from ._settings import DEFAULT_EXPERIMENT, Settings
+from ._sink import MLflowSink
 
 __all__ = ["DEFAULT_EXPERIMENT", "MLflowSink", "Settings"]

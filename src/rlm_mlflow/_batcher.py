@@ -84,6 +84,11 @@ def step_rows(event: Step) -> tuple[MetricRow, MetricRow]:
     )
 
 
+def steps_per_batch(batch_size: int) -> int:
+    """How many step events fill one log_batch call."""
+    return max(1, batch_size // len(STEP_METRICS))
+
+
 def step_batches(rows: Sequence[MetricRow], batch_size: int) -> Iterator[list[MetricRow]]:
     """Split step rows (two per step, adjacent) into log_batch-sized parts that never split
     one step's pair."""

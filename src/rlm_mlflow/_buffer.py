@@ -15,7 +15,7 @@ from collections import deque
 
 import structlog
 
-from ._event import Event, Marker, Step
+from ._event import Event, Marker, RunEvent, Step
 from ._spool import Overflow
 
 log = structlog.get_logger("rlm_mlflow")
@@ -52,7 +52,7 @@ class Buffer:
     def __len__(self) -> int:
         return len(self._queue) + (len(self._overflow) if self._overflow is not None else 0)
 
-    def put(self, event: Event) -> None:
+    def put(self, event: RunEvent) -> None:
         queue = self._queue
         if len(queue) < self._maxsize:
             queue.append(event)
@@ -70,7 +70,7 @@ class Buffer:
                 self._queue.append(marker)
         self.wakeup.set()
 
-    def _put_when_full(self, event: Event) -> None:
+    def _put_when_full(self, event: RunEvent) -> None:
         """The slow path: the policy chosen in ``when_full`` decides, under the lock."""
         with self._room:
             if self._closed:
@@ -87,7 +87,7 @@ class Buffer:
             if self._policy == "block" and self._wait_for_room():
                 self._queue.append(event)
                 return
-            if self._overflow is not None and not isinstance(event, Marker):
+            if self._overflow is not None:  # when_full=spill
                 if self._overflow.bytes < self._overflow_max_bytes:
                     self._overflow.push(event)
                     self._maxsize = 0

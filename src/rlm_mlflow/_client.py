@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-import structlog
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -29,7 +28,6 @@ from tenacity import (
 
 from ._batcher import RUN_KEY_TAG, MetricRow
 
-log = structlog.get_logger("rlm_mlflow")
 T = TypeVar("T")
 
 #: HTTP statuses worth a retry: timeout, rate limit, and the server's own failures.
@@ -62,10 +60,10 @@ class MlflowAdapter:
         deadline: float,
         on_retry: Callable[[RetryCallState], None],
     ) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         self._client = client
-        self._metric, self._param, self._tag = Metric, Param, RunTag
+        self._metric, self._param = Metric, Param
         self.experiment_id = experiment_id
         self.tracking_uri: str = client.tracking_uri
         # A local store (sqlite file) serialises writes anyway; parallel writers only contend.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import urlsplit, urlunsplit
 
 #: Environment variables whose values are secrets (MLflow's auth settings).
 SECRET_ENV_VARS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD")
@@ -19,13 +18,7 @@ _USERINFO = re.compile(
 
 def redact_uri(uri: str | None) -> str | None:
     """``scheme://user:pass@host/...`` becomes ``scheme://user:***@host/...``."""
-    if not uri or "@" not in uri:
-        return uri
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    return redact_text(uri) if uri else uri
 
 
 def redact_text(text: str) -> str:

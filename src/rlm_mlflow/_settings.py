@@ -10,6 +10,9 @@ from typing import Any
 
 ENV_PREFIX = "DSPY_RLM_MLFLOW_"
 
+#: The seed's experiment name, when DSPY_RLM_MLFLOW_EXPERIMENT does not say otherwise.
+DEFAULT_EXPERIMENT = "rlm-code-rlm"
+
 #: The full-buffer policies (see `Settings.when_full`).
 WHEN_FULL = ("block", "drop_newest", "drop_oldest", "spill")
 

@@ -23,18 +23,17 @@ import anyio.to_thread
 import structlog
 from anyio.abc import TaskGroup
 
+from ._batcher import steps_per_batch
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
 from ._event import Marker, RunEnd, RunStart, Step
 from ._redact import redact_text, redact_uri
-from ._settings import Settings, parse_bool
+from ._settings import DEFAULT_EXPERIMENT, Settings, parse_bool
 from ._spool import OVERFLOW_FILE, Journal, Overflow, journal_meta
 from ._sync import SyncSummary, sync
 from ._worker import Worker
 
 log = structlog.get_logger("rlm_mlflow")
-
-DEFAULT_EXPERIMENT = "rlm-code-rlm"
 
 
 class MLflowSink:
@@ -109,7 +108,7 @@ class MLflowSink:
             overflow = Overflow(journal.dir / OVERFLOW_FILE)
         self._buffer = Buffer(
             s.queue_size,
-            s.batch_size // 2,
+            steps_per_batch(s.batch_size),
             s.put_timeout,
             s.when_full,
             overflow=overflow,
@@ -304,10 +303,11 @@ class MLflowSink:
     def status(self) -> dict[str, Any]:
         """The seed's keys (name, enabled, available, detail, experiment) and the forwarder's."""
         worker = self._worker
+        unavailable = self._unavailable or (worker.import_error if worker else None)
         if not self.enabled:
             detail = "disabled"
-        elif self._unavailable or (worker and worker.import_error):
-            detail = self._unavailable or (worker.import_error if worker else None) or ""
+        elif unavailable:
+            detail = unavailable
         else:
             detail = redact_uri(self.tracking_uri) or "default-tracking-uri"
         status: dict[str, Any] = {

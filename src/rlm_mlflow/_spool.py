@@ -68,6 +68,12 @@ _KINDS: dict[str, type[RunStart] | type[Step] | type[RunEnd]] = {
 }
 
 
+def frame(events: Sequence[RunEvent]) -> bytes:
+    """One record: magic, length and CRC-32 of the JSON payload, then the payload."""
+    payload = encode(events)
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
 def decode(payload: bytes) -> list[RunEvent]:
     return [_KINDS[kind](*fields) for kind, *fields in json.loads(payload)]
 
@@ -100,8 +106,7 @@ class Journal:
         """Journal one drain; returns the position just after it. One write(2): a process
         crash after it returns cannot lose the record (a power cut can tear it: the
         checksum tells)."""
-        payload = encode(events)
-        record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+        record = frame(events)
         if self._offset and self._offset + len(record) > SEGMENT_BYTES:
             self._open_segment(self._segment + 1)
         os.write(self._fd, record)
@@ -162,7 +167,6 @@ class Overflow:
     """
 
     def __init__(self, path: Path) -> None:
-        self.path = path
         self._fd = open_owner_only(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         self._write_at = 0
         self._read_at = 0
@@ -179,9 +183,8 @@ class Overflow:
 
     def push(self, event: RunEvent) -> None:
         if self._fd < 0:
-            raise OSError("the spill file is closed")  # counted as a hook error, not raised
-        payload = encode([event])
-        record = HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+            raise OSError("the spill file is closed")  # the hook catches and counts it
+        record = frame([event])
         os.pwrite(self._fd, record, self._write_at)
         self._write_at += len(record)
         self._count += 1

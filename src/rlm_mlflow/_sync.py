@@ -16,16 +16,15 @@ from pathlib import Path
 
 import structlog
 
+from ._batcher import steps_per_batch
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
 from ._event import Marker, Step
-from ._settings import Settings
+from ._settings import DEFAULT_EXPERIMENT, Settings
 from ._spool import orphans
 from ._worker import Worker
 
 log = structlog.get_logger("rlm_mlflow")
-
-DEFAULT_EXPERIMENT = "rlm-code-rlm"
 
 
 @dataclass
@@ -63,7 +62,9 @@ def sync(
             "replaying journal", journal=str(orphan.dir), experiment=experiment, bytes=summary.bytes
         )
         # Nothing is dropped while replaying: the hooks here are ours and may wait.
-        buffer = Buffer(settings.queue_size, settings.batch_size // 2, put_timeout=3600.0)
+        buffer = Buffer(
+            settings.queue_size, steps_per_batch(settings.batch_size), put_timeout=3600.0
+        )
         worker = Worker(
             buffer, settings, tracking_uri, experiment, dead_letters=dead_letters, replaying=True
         )

@@ -119,7 +119,9 @@ class Worker:
         self._abort = False
         self._running = False
         self._tg: TaskGroup | None = None
-        self._thread = threading.Thread(target=self._thread_main, name="rlm-mlflow", daemon=True)
+        self._thread = threading.Thread(
+            target=anyio.run, args=(self.run,), name="rlm-mlflow", daemon=True
+        )
 
     # -- caller's side -------------------------------------------------------------------------
 
@@ -145,9 +147,6 @@ class Worker:
         self._buffer.close_overflow()
 
     # -- the loop ------------------------------------------------------------------------------
-
-    def _thread_main(self) -> None:
-        anyio.run(self.run)
 
     async def run(self) -> None:
         """The worker's whole life: in its own thread, or as a task of the caller's loop."""
@@ -285,7 +284,7 @@ class Worker:
         # Wake for a drain when every open run has a full log_batch waiting, on average:
         # waking at one batch's worth split over many runs sends many small requests, and a
         # request's fixed cost at the server is what limits throughput.
-        per_batch = self._settings.batch_size // len(batcher.STEP_METRICS)
+        per_batch = batcher.steps_per_batch(self._settings.batch_size)
         self._buffer.wake_at = max(
             per_batch, min(per_batch * len(self._open), self._settings.queue_size // 2)
         )

@@ -21,9 +21,10 @@ from typing import Any
 
 import structlog
 
+from ._client import is_http
 from ._deadletter import DeadLetters
 from ._redact import redact_uri
-from ._settings import Settings, env_name
+from ._settings import DEFAULT_EXPERIMENT, Settings, env_name
 from ._sink import MLflowSink
 from ._sync import sync
 
@@ -201,7 +202,7 @@ def resolve_uri(args: argparse.Namespace) -> str:
 
 def preflight(uri: str, spooled: bool) -> None:
     """Fail fast, in one line, when a tracking server is not there (unless journalling)."""
-    if not uri.startswith(("http://", "https://")) or spooled:
+    if not is_http(uri) or spooled:
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
@@ -248,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"runs: {batch}-0 .. {batch}-{args.runs - 1} in experiment '{args.experiment}'")
     print(f"trajectories: {plan.run_dir.resolve()}")
-    if tracking_uri.startswith(("http://", "https://")):
+    if is_http(tracking_uri):
         print(f"open: {tracking_uri}")
     else:
         print(
@@ -331,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--experiment",
-        default=os.environ.get("DSPY_RLM_MLFLOW_EXPERIMENT") or "rlm-code-rlm",
+        default=os.environ.get("DSPY_RLM_MLFLOW_EXPERIMENT") or DEFAULT_EXPERIMENT,
         help="experiment (env DSPY_RLM_MLFLOW_EXPERIMENT)",
     )
     run.add_argument("--run-dir", default="rlm-runs", help="where trajectory JSONL files go")

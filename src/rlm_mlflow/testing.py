@@ -9,6 +9,7 @@ the whole group. `FaultProxy` sits in front of it on loopback and, on request, a
 from __future__ import annotations
 
 import contextlib
+import getpass
 import http.client
 import json
 import os
@@ -21,11 +22,32 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+
+@contextlib.contextmanager
+def scratch_postgres_database(prefix: str = "rlm_mlflow") -> Iterator[str]:
+    """A database of its own on this machine's PostgreSQL (127.0.0.1:5432, trust auth, as
+    the current user), yielded as a ``postgresql://`` URI and dropped afterwards."""
+    import psycopg2  # the test extra; only what needs PostgreSQL imports it
+
+    user = getpass.getuser()
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, dbname="test", user=user)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql://{user}@127.0.0.1:5432/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
 
 
 def free_port() -> int:
