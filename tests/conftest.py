@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,29 @@ from typing import Any
 import pytest
 from mlflow import MlflowClient
 
+from rlm_mlflow._log import RECORD_KEY, stdlib_logger
 from rlm_mlflow.testing import MlflowServer
+
+
+@contextlib.contextmanager
+def capture_logs() -> Iterator[list[dict[str, Any]]]:
+    """Our log lines, every level, as dicts (``event``, ``log_level`` and the line's pairs),
+    the shape of ``structlog.testing.capture_logs``; caught on the ``rlm_mlflow`` logger."""
+    entries: list[dict[str, Any]] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fields = getattr(record, RECORD_KEY, None) or {"event": record.getMessage()}
+            entries.append({**fields, "log_level": record.levelname.lower()})
+
+    handler, level = Collect(), stdlib_logger.level
+    stdlib_logger.addHandler(handler)
+    stdlib_logger.setLevel(logging.DEBUG)
+    try:
+        yield entries
+    finally:
+        stdlib_logger.removeHandler(handler)
+        stdlib_logger.setLevel(level)
 
 
 @pytest.fixture(scope="session")

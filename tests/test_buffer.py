@@ -4,7 +4,7 @@ import threading
 import time
 from pathlib import Path
 
-import structlog
+from conftest import capture_logs
 
 from rlm_mlflow._buffer import Buffer
 from rlm_mlflow._event import Marker, RunStart, Step
@@ -71,7 +71,7 @@ def test_after_close_puts_are_dropped_at_once_but_markers_pass() -> None:
 
 def test_drop_newest_drops_at_once_counts_every_drop_and_logs_once_per_burst() -> None:
     buffer = Buffer(maxsize=2, wake_at=2, put_timeout=5.0, policy="drop_newest")
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         started = time.perf_counter()
         for i in range(10):
             buffer.put(event(i))

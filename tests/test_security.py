@@ -6,8 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
-from conftest import Readback
+from conftest import Readback, capture_logs
 
 from rlm_mlflow import MLflowSink
 from rlm_mlflow.testing import FaultProxy, MlflowServer
@@ -34,7 +33,7 @@ def test_passwords_and_tokens_are_redacted_everywhere(
     spool = tmp_path / "spool"
     proxy.refuse = lambda body: any(int(m["step"]) == 3 for m in body.get("metrics", []))
     proxy.fail(3, 503)  # retries, with the URL in MLflow's error text
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         sink = MLflowSink(True, experiment=experiment, tracking_uri=uri, spool_dir=str(spool))
         sink.on_run_start("secretive", task="t", environment="e", params={"token": "fine"})
         for step in range(10):

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import structlog
-from conftest import Readback
+from conftest import Readback, capture_logs
 
 from rlm_mlflow import MLflowSink
 
@@ -309,7 +308,7 @@ def test_bad_events_are_counted_and_their_neighbours_land(
         8: -float("inf"),
     }
     sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
-    with structlog.testing.capture_logs() as logs:
+    with capture_logs() as logs:
         sink.on_step("early", event={"step": 0, "reward": 1.0}, cumulative_reward=1.0)
         sink.on_run_start(
             "r",

@@ -13,12 +13,9 @@ import threading
 import time
 from collections import deque
 
-import structlog
-
 from ._event import Event, Marker, RunEvent, Step
+from ._log import log
 from ._spool import Overflow
-
-log = structlog.get_logger("rlm_mlflow")
 
 
 class Buffer:

@@ -29,13 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from ._deadletter import open_owner_only, owner_only_dir
 from ._event import RunEnd, RunEvent, RunStart, Step
+from ._log import log
 from ._redact import redact_text
-
-log = structlog.get_logger("rlm_mlflow")
 
 MAGIC = b"RLMJ"
 HEADER = struct.Struct(">4sII")  # magic, payload length, crc32 of the payload

@@ -14,17 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
-
 from ._batcher import steps_per_batch
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
 from ._event import Marker, Step
+from ._log import log
 from ._settings import DEFAULT_EXPERIMENT, Settings
 from ._spool import orphans
 from ._worker import Worker
-
-log = structlog.get_logger("rlm_mlflow")
 
 
 @dataclass

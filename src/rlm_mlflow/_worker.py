@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
-import structlog
 from anyio.abc import TaskGroup
 from tenacity import RetryCallState
 
@@ -31,11 +30,11 @@ from ._buffer import Buffer
 from ._client import MlflowAdapter, is_transient
 from ._deadletter import DeadLetters
 from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
+from ._log import log
 from ._redact import redact_text, redact_uri
 from ._settings import Settings
 from ._spool import Journal, Position
 
-log = structlog.get_logger("rlm_mlflow")
 U = TypeVar("U")
 
 
