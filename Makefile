@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run ui test lint bench bench-scale clean
+.PHONY: install run ui test lint bench bench-scale bench-rlm-code clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 # Many producer processes against one mlflow server on PostgreSQL: ours vs the ceiling.
 bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py
+
+# The real rlm-code runner: its loop time with no MLflow, ours (server unreachable / up), and
+# rlm-code's own sink; writes benchmarks/results/rlm-code-latest.json.
+bench-rlm-code: $(STAMP)
+	$(PY) benchmarks/bench_rlm_code.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 # fails once the interpreter is exiting. Importing it now keeps the close at exit working when
 # the worker is still importing mlflow then (a short script that never called close()).
 import concurrent.futures.thread  # noqa: F401
+import functools
 import os
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -27,8 +28,10 @@ from tenacity import (
 )
 
 from ._batcher import RUN_KEY_TAG, MetricRow
+from ._log import log
 
 T = TypeVar("T")
+
 
 #: HTTP statuses worth a retry: timeout, rate limit, and the server's own failures.
 TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
@@ -66,6 +69,7 @@ class MlflowAdapter:
         self._metric, self._param = Metric, Param
         self.experiment_id = experiment_id
         self.tracking_uri: str = client.tracking_uri
+        self.context_tags = context_tags()
         # A local store (sqlite file) serialises writes anyway; parallel writers only contend.
         self._limiter = anyio.CapacityLimiter(max_in_flight if is_http(self.tracking_uri) else 1)
         self._deadline = deadline
@@ -116,11 +120,12 @@ class MlflowAdapter:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def create_run(self, run_name: str, start_ms: int, tags: dict[str, str]) -> str:
+        """A run with MLflow's context tags (user, source), as ``mlflow.start_run`` makes it."""
         run = await self.call(
             self._client.create_run,
             self.experiment_id,
             start_time=start_ms,
-            tags=tags,
+            tags={**self.context_tags, **tags},
             run_name=run_name,
         )
         return str(run.info.run_id)
@@ -158,6 +163,21 @@ class MlflowAdapter:
 
     async def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
         await self.call(self._client.set_terminated, run_id, status=status, end_time=end_ms)
+
+
+@functools.cache
+def context_tags() -> dict[str, str]:
+    """The tags ``mlflow.start_run`` adds from the process's context (``mlflow.user``,
+    ``mlflow.source.name``/``type``, ``mlflow.source.git.commit`` in a repository), so the
+    run page shows "Created by" and "Source". Resolved once per process, by MLflow's own
+    resolver; without them a run is still created."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        return {str(k): str(v) for k, v in resolve_tags().items()}
+    except Exception as exc:
+        log.warning("mlflow's context tags could not be resolved", error=str(exc)[:300])
+        return {}
 
 
 def _experiment_id(client: Any, name: str) -> str:

@@ -20,20 +20,18 @@ from uuid import uuid4
 
 import anyio
 import anyio.to_thread
-import structlog
 from anyio.abc import TaskGroup
 
 from ._batcher import steps_per_batch
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
 from ._event import Marker, RunEnd, RunStart, Step
+from ._log import log
 from ._redact import redact_text, redact_uri
 from ._settings import DEFAULT_EXPERIMENT, Settings, parse_bool
 from ._spool import OVERFLOW_FILE, Journal, Overflow, journal_meta
 from ._sync import SyncSummary, sync
 from ._worker import Worker
-
-log = structlog.get_logger("rlm_mlflow")
 
 
 class MLflowSink:
@@ -296,6 +294,11 @@ class MLflowSink:
     # -- status ------------------------------------------------------------------------------
 
     @property
+    def closed(self) -> bool:
+        """Whether close() was called (hooks are dropped from then on)."""
+        return self._close_marker is not None
+
+    @property
     def available(self) -> bool:
         worker = self._worker
         return worker is not None and worker.import_error is None
@@ -334,7 +337,7 @@ class MLflowSink:
             spooled=stats.spooled,
             skipped=stats.skipped,
             last_error=stats.last_error,
-            closed=self._close_marker is not None,
+            closed=self.closed,
         )
         return status
 

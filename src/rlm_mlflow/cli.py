@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import random
 import shutil
@@ -19,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from ._client import is_http
 from ._deadletter import DeadLetters
+from ._log import RECORD_KEY, stdlib_logger
 from ._redact import redact_uri
-from ._settings import DEFAULT_EXPERIMENT, Settings, env_name
+from ._settings import DEFAULT_EXPERIMENT, Settings, env_name, parse_bool
 from ._sink import MLflowSink
 from ._sync import sync
 
@@ -34,6 +34,9 @@ KNOWN_SCHEMES = frozenset(
 )
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_NOT_FOUND = 127  # what a shell answers for a command it cannot run
+#: The directory ``instrument`` puts first on PYTHONPATH: it holds only a sitecustomize.
+BOOTSTRAP = Path(__file__).parent / "_bootstrap"
 
 
 @dataclass(frozen=True)
@@ -306,8 +309,70 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0 if summary.kept == 0 else 1
 
 
+def cmd_instrument(args: argparse.Namespace) -> int:
+    """Run the command with `autolog()` done at the start of each Python interpreter in it.
+
+    The command replaces this process (exec): its exit code and the signals sent to it are
+    its own, as with ``opentelemetry-instrument`` and ``ddtrace-run``.
+    """
+    command = list(args.cmd)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise CliError("instrument needs a command: rlm-mlflow instrument -- COMMAND [ARGS...]")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BOOTSTRAP), env.get("PYTHONPATH")]))
+    if shutil.which(command[0], path=env.get("PATH")) is None:
+        raise CliError(f"cannot run {command[0]!r}: command not found", EXIT_NOT_FOUND)
+    if not parse_bool(env.get("DSPY_RLM_MLFLOW_ENABLED")):
+        print(
+            "rlm-mlflow instrument: DSPY_RLM_MLFLOW_ENABLED is not true, so rlm-code's MLflow "
+            "slot stays off (export DSPY_RLM_MLFLOW_ENABLED=true)",
+            file=sys.stderr,
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        raise CliError(
+            f"cannot run {command[0]!r}: {exc.strerror or exc}", EXIT_NOT_FOUND
+        ) from None
+
+
+class JsonLines(logging.Formatter):
+    """One JSON object per log line: time, level, the event and its pairs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, RECORD_KEY, None) or {"event": record.getMessage()}
+        line = {"time": record.created, "level": record.levelname.lower(), **fields}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=repr)
+
+
+def log_to_stderr(log_format: str) -> None:
+    """The CLI is the application here: it shows our log lines on stderr (stdout carries the
+    results), as text or JSON lines, from INFO up."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonLines()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+    )
+    stdlib_logger.addHandler(handler)
+    stdlib_logger.setLevel(logging.INFO)
+    stdlib_logger.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlm-mlflow", description=__doc__)
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="how log lines look on stderr (default: text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
@@ -357,6 +422,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_setting_flags(sync_, skip=("spool_dir", "when_full", "spool_max_bytes"))
     sync_.set_defaults(func=cmd_sync)
+    instrument = sub.add_parser(
+        "instrument",
+        help="run a command (rlm-code, python script.py, ...) with our sink in rlm-code's slot",
+        description="Run COMMAND with rlm_mlflow.autolog() done at the start of every Python "
+        "interpreter it starts: each RLMObservability.default() of rlm-code then sends through "
+        "this forwarder, configured by the same variables (DSPY_RLM_MLFLOW_ENABLED, "
+        "MLFLOW_TRACKING_URI, DSPY_RLM_MLFLOW_EXPERIMENT). Exit code and signals are COMMAND's.",
+    )
+    instrument.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]")
+    instrument.set_defaults(func=cmd_instrument)
     return parser
 
 
@@ -381,8 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done, 1 done but something was not delivered, 2 bad usage or setting,
     3 tracking server unreachable."""
     args = build_parser().parse_args(argv)
-    # Log lines go to stderr; stdout carries the results.
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    log_to_stderr(args.log_format)
     try:
         code: int = args.func(args)
     except CliError as exc:

@@ -1,0 +1,174 @@
+"""`autolog()`: rlm-code's MLflow slot, filled by our sink, with no change to the user's code.
+
+rlm-code's ``RLMObservability.default()`` builds its sinks from the environment and looks up
+``MLflowSink`` by name in ``rlm_code.rlm.observability`` each time it runs. `autolog` rebinds
+that name to `shared_sink`, which hands out one of our sinks per destination (tracking URI +
+experiment), so every runner of the process shares one forwarder and one worker thread.
+
+If rlm-code is not imported yet, an import hook does the rebinding the moment it is (so
+`autolog` never imports rlm-code itself: ``rlm-mlflow instrument`` calls it at the start of
+every Python process). Only the standard library is imported here until then.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+import threading
+from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from importlib.machinery import ModuleSpec
+
+    from ._sink import MLflowSink
+
+#: The module whose ``MLflowSink`` name ``RLMObservability.default()`` constructs.
+TARGET = "rlm_code.rlm.observability"
+#: The package that re-exports it (``from rlm_code.rlm import MLflowSink``).
+PACKAGE = "rlm_code.rlm"
+
+_lock = threading.RLock()
+_enabled = False
+_originals: dict[str, Any] = {}  # module name -> rlm-code's own MLflowSink, to restore
+_shared: dict[tuple[str | None, str], MLflowSink] = {}
+
+
+def autolog(disable: bool = False) -> bool:
+    """From now on, every ``RLMObservability.default()`` of this process gets our sink in its
+    ``mlflow`` slot instead of rlm-code's, configured from the same variables
+    (``DSPY_RLM_MLFLOW_ENABLED``, ``MLFLOW_TRACKING_URI``, ``DSPY_RLM_MLFLOW_EXPERIMENT``, and
+    our ``DSPY_RLM_MLFLOW_*``).
+
+    Idempotent, and safe before or after rlm-code is imported. ``disable=True`` gives the
+    slot back to rlm-code's sink (observabilities built meanwhile keep ours). Returns False,
+    with a one-line reason in the log, when rlm-code is not installed; never raises.
+    """
+    global _enabled
+    with _lock:
+        if disable:
+            _enabled = False
+            _remove_finder()
+            for name in list(_originals):
+                module = sys.modules.get(name)
+                if module is not None and getattr(module, "MLflowSink", None) is shared_sink:
+                    module.MLflowSink = _originals[name]  # type: ignore[attr-defined]
+                del _originals[name]
+            return True
+        try:
+            installed = importlib.util.find_spec("rlm_code") is not None
+        except (ImportError, ValueError) as exc:  # a broken install: say so, do not raise
+            _log().warning("autolog: rlm-code cannot be found", error=str(exc)[:300])
+            return False
+        if not installed:
+            _log().warning(
+                "autolog: rlm-code is not installed; nothing to instrument",
+                hint="pip install rlm-code",
+            )
+            return False
+        _enabled = True
+        if TARGET in sys.modules:
+            _patch(sys.modules[TARGET])
+        else:
+            _install_finder()
+        return True
+
+
+def enabled() -> bool:
+    """Whether `autolog` is in effect."""
+    return _enabled
+
+
+def shared_sink(
+    enabled: bool = False, experiment: str | None = None, tracking_uri: str | None = None
+) -> MLflowSink:
+    """What ``RLMObservability.default()`` calls in place of rlm-code's ``MLflowSink(...)``.
+
+    One live sink per destination for the whole process: a benchmark that builds a hundred
+    runners starts one worker. It is closed at exit like every sink; a destination whose
+    sink was closed meanwhile gets a new one.
+    """
+    from ._settings import DEFAULT_EXPERIMENT
+    from ._sink import MLflowSink
+
+    experiment = experiment or DEFAULT_EXPERIMENT
+    if not enabled:
+        return MLflowSink(False, experiment=experiment, tracking_uri=tracking_uri)
+    key = (tracking_uri, experiment)
+    with _lock:
+        sink = _shared.get(key)
+        if sink is None or sink.closed:
+            sink = _shared[key] = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
+        return sink
+
+
+def _patch(module: ModuleType) -> None:
+    """Rebind ``MLflowSink`` in rlm-code's observability module and its package."""
+    for name in (TARGET, PACKAGE):
+        target = module if name == TARGET else sys.modules.get(name)
+        if target is None or not hasattr(target, "MLflowSink"):
+            continue
+        current = target.MLflowSink
+        if current is not shared_sink:
+            _originals[name] = current
+            target.MLflowSink = shared_sink  # type: ignore[attr-defined]
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """rlm-code's own loader, then `_patch` on the module it made."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: ModuleSpec) -> ModuleType | None:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._inner.exec_module(module)
+        with _lock:
+            _remove_finder()
+            if _enabled:
+                _patch(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... for tools
+        return getattr(self._inner, name)
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Waits for rlm-code's observability module and wraps its loader."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> ModuleSpec | None:
+        if fullname != TARGET:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _PatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+_finder = _Finder()
+
+
+def _install_finder() -> None:
+    if _finder not in sys.meta_path:
+        sys.meta_path.insert(0, _finder)
+
+
+def _remove_finder() -> None:
+    if _finder in sys.meta_path:
+        sys.meta_path.remove(_finder)
+
+
+def _log() -> Any:
+    from ._log import log
+
+    return log
