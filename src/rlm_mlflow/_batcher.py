@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import posixpath
 import re
+import reprlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ._event import RunEnd, RunStart, Step
+from ._event import RunEnd, RunEvent, RunStart, Step
 
 MetricRow = tuple[str, float, int, int]
 
@@ -34,6 +36,80 @@ class BadInput(ValueError):
     """An event the worker cannot log; the message says why, for the log and status()."""
 
 
+_shorten = reprlib.Repr()
+_shorten.maxstring = _shorten.maxother = 80
+
+
+def show(value: Any) -> str:
+    """A short repr for messages, of any value (a repr that raises, or a huge one, too)."""
+    try:
+        return _shorten.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
+def encodable(text: str) -> bool:
+    """Whether ``text`` can be stored: a lone surrogate (e.g. from bytes decoded with
+    ``surrogateescape``) cannot be encoded as UTF-8, and MLflow's stores fail on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def admit(event: RunEvent) -> tuple[RunEvent, list[str]]:
+    """The one gate between the hooks and everything after them (routing by run id, the
+    journal, MLflow): returns the event with every value checked and made plain (str run id,
+    int step, float values, string params, str run path), and what was left out of it and
+    why; raises BadInput for an event that cannot be logged at all."""
+    run_id = as_run_id(event.run_id)
+    if isinstance(event, Step):
+        reward, cumulative = step_rows(event)
+        return Step(run_id, reward[3], reward[1], cumulative[1], float(event.time)), []
+    if isinstance(event, RunStart):
+        params, skipped = clean_params(event)
+        return RunStart(
+            run_id,
+            float(event.time),
+            str(params.get("environment", "")),
+            event.task_chars if type(event.task_chars) is int else -1,
+            params,
+            str(event.key),
+        ), [f"param {key!r}: {why}" for key, why in skipped.items()]
+    rows, problems = summary_rows(event)
+    summary = {key: value for key, value, _, _ in rows}
+    run_path: str | None = None
+    if event.run_path is not None:
+        try:
+            run_path = os.fspath(event.run_path)
+            if not isinstance(run_path, str) or not encodable(run_path):
+                raise TypeError("not a str path")
+        except TypeError:
+            run_path = None
+            problems.append(f"run_path is not a path: {show(event.run_path)}")
+    return RunEnd(
+        run_id,
+        float(event.time),
+        summary["completed"] == 1.0,
+        summary.get("steps"),
+        summary.get("total_reward"),
+        run_path,
+        event.status,
+    ), problems
+
+
+def as_run_id(value: Any) -> str:
+    """A non-empty string that MLflow can store (the caller's key for the run)."""
+    if not isinstance(value, str) or not value:
+        raise BadInput(f"run_id is not a non-empty string: {show(value)}")
+    if not encodable(value):
+        raise BadInput(
+            f"run_id has characters that cannot be stored (lone surrogates): {show(value)}"
+        )
+    return str.__str__(value)  # a plain str, whatever subclass came in
+
+
 def as_metric_value(value: Any, name: str) -> float:
     """A finite real number (numpy scalars too); None, bools, strings, NaN and inf are refused.
 
@@ -43,8 +119,11 @@ def as_metric_value(value: Any, name: str) -> float:
     if value is None:
         raise BadInput(f"{name} is missing")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise BadInput(f"{name} is not a number: {value!r:.80}")
-    number = float(value)
+        raise BadInput(f"{name} is not a number: {show(value)}")
+    try:
+        number = float(value)
+    except Exception:
+        raise BadInput(f"{name} is not a number: {show(value)}") from None
     if not math.isfinite(number):
         raise BadInput(f"{name} is not finite: {number}")
     return number
@@ -55,11 +134,14 @@ def as_step(value: Any) -> int:
     if value is None:
         raise BadInput("step is missing")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise BadInput(f"step is not an integer: {value!r:.80}")
-    number = float(value)
-    if not isinstance(value, numbers.Integral) and not number.is_integer():
-        raise BadInput(f"step is not an integer: {value!r:.80}")
-    step = int(value) if isinstance(value, numbers.Integral) else int(number)
+        raise BadInput(f"step is not an integer: {show(value)}")
+    try:
+        number = float(value)
+        if not isinstance(value, numbers.Integral) and not number.is_integer():
+            raise ValueError
+        step = int(value) if isinstance(value, numbers.Integral) else int(number)
+    except (ValueError, TypeError, OverflowError, ArithmeticError):
+        raise BadInput(f"step is not an integer: {show(value)}") from None
     if not 0 <= step <= MAX_STEP:
         raise BadInput(f"step is out of range (0 to 2**63 - 1): {step}")
     return step
@@ -104,8 +186,13 @@ def summary_rows(event: RunEnd) -> tuple[list[MetricRow], list[str]]:
     out; the others are still logged.
     """
     ts = timestamp_ms(event.time)
-    rows: list[MetricRow] = [("completed", 1.0 if event.completed else 0.0, ts, 0)]
     problems: list[str] = []
+    try:
+        completed = bool(event.completed)
+    except Exception:  # e.g. a numpy array: its truth is ambiguous
+        completed = False
+        problems.append(f"completed is not a truth value: {show(event.completed)}")
+    rows: list[MetricRow] = [("completed", 1.0 if completed else 0.0, ts, 0)]
     for key, value in (("steps", event.steps), ("total_reward", event.total_reward)):
         try:
             rows.append((key, as_metric_value(value, key), ts, 0))
@@ -114,21 +201,27 @@ def summary_rows(event: RunEnd) -> tuple[list[MetricRow], list[str]]:
     return rows, problems
 
 
-def is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
+def admitted_summary_rows(event: RunEnd) -> list[MetricRow]:
+    """The summary of an admitted end (values already checked: a None was left out)."""
+    ts = timestamp_ms(event.time)
+    rows: list[MetricRow] = [("completed", 1.0 if event.completed else 0.0, ts, 0)]
+    for key, value in (("steps", event.steps), ("total_reward", event.total_reward)):
+        if value is not None:
+            rows.append((key, float(value), ts, 0))
+    return rows
 
 
 def key_problem(key: Any) -> str | None:
     """Why MLflow would refuse ``key`` as a param or tag name, or None."""
     if not isinstance(key, str) or not key:
-        return f"key is not a non-empty string: {key!r:.80}"
+        return f"key is not a non-empty string: {show(key)}"
     if len(key) > MAX_KEY_CHARS:
         return f"key longer than {MAX_KEY_CHARS} characters"
-    if not _VALID_KEY.fullmatch(key):
-        return f"key {key!r:.80} has characters MLflow refuses (allowed: letters, digits, _-./: )"
+    if not _VALID_KEY.fullmatch(key) or not key.isascii():
+        return f"key {show(key)} has characters MLflow refuses (allowed: letters, digits, _-./: )"
     normalized = posixpath.normpath(key)
     if normalized != key or normalized == "." or key.startswith(("..", "/")):
-        return f"key {key!r:.80} is not a plain path"
+        return f"key {show(key)} is not a plain path"
     return None
 
 
@@ -138,20 +231,61 @@ def run_params(event: RunStart) -> tuple[dict[str, str], dict[str, str]]:
     Returns the params as MLflow stores them (strings) and the skipped ones with the reason:
     non-scalars (as the seed does), keys MLflow refuses, values longer than it accepts.
     """
-    params: dict[str, str] = {}
+    params, skipped = clean_params(event)
+    return {key: str(value) for key, value in params.items()}, skipped
+
+
+Scalar = str | int | float | bool | None
+
+
+def clean_params(event: RunStart) -> tuple[dict[str, Scalar], dict[str, str]]:
+    """`run_params` with the values kept as plain scalars (``None`` stays ``None``)."""
+    params: dict[str, Scalar] = {}
     skipped: dict[str, str] = {}
-    merged = {**event.params, "environment": event.environment, "task_chars": event.task_chars}
-    for key, value in merged.items():
+    given: list[tuple[Any, Any]] = []
+    try:
+        given = list(event.params.items())
+    except Exception:
+        skipped["params"] = f"not a mapping: {show(event.params)}"
+    merged = [*given, ("environment", event.environment)]
+    if type(event.task_chars) is int and event.task_chars >= 0:
+        merged.append(("task_chars", event.task_chars))
+    else:
+        skipped["task_chars"] = "the task is not a string"
+    for key, value in merged:
         problem = key_problem(key)
-        if problem is None and not is_scalar(value):
-            problem = f"not a scalar ({type(value).__name__})"
-        if problem is None and len(text := str(value)) > MAX_PARAM_VALUE_CHARS:
+        plain: Scalar = None
+        if problem is None:
+            try:
+                plain = _plain_scalar(value)
+            except Exception:
+                problem = f"not a scalar ({type(value).__name__})"
+        text = str(plain)
+        if problem is None and len(text) > MAX_PARAM_VALUE_CHARS:
             problem = f"value longer than {MAX_PARAM_VALUE_CHARS} characters ({len(text)})"
+        if problem is None and not encodable(text):
+            problem = "value has characters that cannot be stored (lone surrogates)"
         if problem is not None:
-            skipped[str(key)[:MAX_KEY_CHARS]] = problem
+            skipped[key[:MAX_KEY_CHARS] if isinstance(key, str) else show(key)] = problem
             continue
-        params[key] = str(value)
+        params[key] = plain
     return params, skipped
+
+
+def _plain_scalar(value: Any) -> Scalar:
+    """The value as an exact str, int, float, bool or None (numpy scalars and other
+    subclasses too); TypeError for anything else."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    raise TypeError(type(value).__name__)
 
 
 #: Tag that lets a replay find the run it created before a crash (see `RunStart.key`).

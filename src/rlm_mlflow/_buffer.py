@@ -3,8 +3,12 @@
 The hot path is `Buffer.put`: a length check, a deque append and, once per batch, an Event.set
 that wakes the worker (the pattern of OpenTelemetry's batch processor). `deque.append` and
 `popleft` are atomic under the GIL, so producers take no lock; with many producer threads the
-bound can be overshot by at most one event per thread. Only a full or closed buffer takes the
-slow path, with a lock and a condition.
+bound can be overshot by at most one event per thread. Only a full, closed or parked buffer
+takes the slow path, with a lock and a condition. Run starts and ends are never dropped: they
+pass the bound like flush markers (`put_boundary`), since a lost one would cost its whole run.
+
+While the worker is parked (idle, its thread let go), the bound is 0, so the next put takes
+the slow path and calls `unpark` first.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 from ._event import Event, Marker, RunEvent, Step
 from ._log import log
@@ -45,6 +50,9 @@ class Buffer:
         self._closed = False
         self.dropped = 0
         self._burst = 0  # drops since the worker last reported them
+        self.last_drop = 0.0  # time.monotonic() of the last drop
+        self._parked = False
+        self.unpark: Callable[[], None] = lambda: None  # set by the worker: start it again
 
     def __len__(self) -> int:
         return len(self._queue) + (len(self._overflow) if self._overflow is not None else 0)
@@ -61,11 +69,49 @@ class Buffer:
     def put_marker(self, marker: Marker) -> None:
         """Markers ignore the bound: a flush must be able to queue behind a full buffer."""
         with self._room:
+            self._wake_parked()
             if self._overflow is not None and len(self._overflow):
                 self._overflow.push_marker(marker)
             else:
                 self._queue.append(marker)
         self.wakeup.set()
+
+    def put_boundary(self, event: RunEvent) -> None:
+        """A run's start or end: past the bound and whatever the policy (they are rare and
+        small), behind the spilled events if there are any; dropped only once closed."""
+        with self._room:
+            if self._closed:
+                self._drop("sink closed")
+                return
+            self._wake_parked()
+            if self._overflow is not None and len(self._overflow):
+                self._overflow.push(event)
+            else:
+                self._queue.append(event)
+        if len(self._queue) >= self.wake_at:
+            self.wakeup.set()
+
+    def park(self) -> bool:
+        """The worker's thread is about to go: from now on every put takes the slow path
+        (and starts it again). Refused when something is waiting."""
+        with self._room:
+            if len(self) or self._closed:
+                return False
+            self._parked = True
+            self._maxsize = 0
+            return True
+
+    @property
+    def parked(self) -> bool:
+        return self._parked
+
+    def _wake_parked(self) -> None:
+        """Under the lock: restart a parked worker before an event goes in."""
+        if self._parked:
+            self._parked = False
+            if not self._closed and not (self._overflow is not None and len(self._overflow)):
+                self._maxsize = self._capacity
+            self.unpark()
 
     def _put_when_full(self, event: RunEvent) -> None:
         """The slow path: the policy chosen in ``when_full`` decides, under the lock."""
@@ -73,6 +119,7 @@ class Buffer:
             if self._closed:
                 self._drop("sink closed")
                 return
+            self._wake_parked()
             if len(self._queue) < self._maxsize:  # the worker drained meanwhile
                 self._queue.append(event)
                 return
@@ -109,9 +156,11 @@ class Buffer:
         return len(self._queue) < self._maxsize and not self._closed
 
     def _drop(self, reason: str) -> None:
-        """Count a drop; log only the first of a burst (the worker logs the burst's size)."""
+        """Count a drop; log only the first of a burst (the worker logs the burst's size once
+        it is over)."""
         self.dropped += 1
         self._burst += 1
+        self.last_drop = time.monotonic()
         if self._burst == 1:
             log.warning(
                 "events dropped",
@@ -138,9 +187,12 @@ class Buffer:
                 self._room.notify_all()
         return items
 
-    def take_drop_burst(self) -> int:
-        """How many events were dropped since the last call (the worker logs bursts once)."""
+    def take_drop_burst(self, quiet: float = 0.0) -> int:
+        """How many events the last burst dropped, once no drop came for ``quiet`` seconds
+        (0 while it goes on): the worker logs each burst once, at its end."""
         with self._room:
+            if not self._burst or time.monotonic() - self.last_drop < quiet:
+                return 0
             burst, self._burst = self._burst, 0
         return burst
 

@@ -29,6 +29,7 @@ from tenacity import (
 
 from ._batcher import RUN_KEY_TAG, MetricRow
 from ._log import log
+from ._settings import Settings
 
 T = TypeVar("T")
 
@@ -46,6 +47,19 @@ def is_transient(exc: BaseException) -> bool:
         return status() in TRANSIENT_HTTP
     cause = exc.__cause__ or exc.__context__
     return cause is not None and is_transient(cause)
+
+
+class ExperimentDeleted(Exception):
+    """The experiment exists in MLflow, deleted: nothing can be logged to it."""
+
+    def __init__(self, name: str, experiment_id: str) -> None:
+        super().__init__(
+            f"experiment {name!r} (id {experiment_id}) is deleted in MLflow; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment_id}, or the UI) and run "
+            f"`rlm-mlflow sync` on the spool, or set DSPY_RLM_MLFLOW_RESTORE_DELETED_EXPERIMENT"
+            f"=true to let the sink restore it"
+        )
+        self.name, self.experiment_id = name, experiment_id
 
 
 def is_http(uri: str) -> bool:
@@ -80,18 +94,21 @@ class MlflowAdapter:
         cls,
         tracking_uri: str | None,
         experiment: str,
-        request_timeout: float,
-        max_in_flight: int,
-        deadline: float,
+        settings: Settings,
         on_retry: Callable[[RetryCallState], None],
     ) -> MlflowAdapter:
-        """Import mlflow, build the client and find or create the experiment (blocking)."""
+        """Import mlflow, build the client and find or create the experiment (blocking).
+
+        Raises ImportError when mlflow cannot be imported, ExperimentDeleted when the
+        experiment is deleted (and the settings do not allow restoring it)."""
         # Our tenacity policy does the retrying: MLflow's own HTTP retries (7 tries, ~4 min)
         # would stack under it and stall a batch for minutes. One inner retry stays: it is
         # where urllib3 honours a 429/503's Retry-After, which never reaches us otherwise.
         # A user's explicit setting wins.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(request_timeout))))
+        os.environ.setdefault(
+            "MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, round(settings.request_timeout)))
+        )
         # set_terminated would print "View run ... at: URL" to the caller's stdout, from our
         # thread, at a random moment of their output.
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -101,10 +118,14 @@ class MlflowAdapter:
             raise ImportError(str(exc)) from exc
 
         client = MlflowClient(tracking_uri)
-        return cls(client, _experiment_id(client, experiment), max_in_flight, deadline, on_retry)
+        experiment_id = _experiment_id(client, experiment, settings.restore_deleted_experiment)
+        return cls(client, experiment_id, settings.max_in_flight, settings.retry_deadline, on_retry)
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking client call in a thread, retrying transient failures to the deadline."""
+        """Run a blocking client call in a thread, retrying transient failures to the deadline.
+
+        A cancelled call (the close deadline ran out) is abandoned, not waited for: it may
+        still land, but the worker counts it as not delivered."""
         retrying = AsyncRetrying(
             stop=stop_after_delay(self._deadline),
             wait=wait_random_exponential(multiplier=0.25, max=10),
@@ -116,7 +137,9 @@ class MlflowAdapter:
         job = partial(fn, *args, **kwargs)
         async for attempt in retrying:
             with attempt:
-                return await anyio.to_thread.run_sync(job, limiter=self._limiter)
+                return await anyio.to_thread.run_sync(
+                    job, limiter=self._limiter, abandon_on_cancel=True
+                )
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def create_run(self, run_name: str, start_ms: int, tags: dict[str, str]) -> str:
@@ -164,6 +187,18 @@ class MlflowAdapter:
     async def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
         await self.call(self._client.set_terminated, run_id, status=status, end_time=end_ms)
 
+    async def experiment_state(self) -> str:
+        """``active``, ``deleted``, or ``missing`` (deleted for good)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            experiment = await self.call(self._client.get_experiment, self.experiment_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return "missing"
+            raise
+        return str(experiment.lifecycle_stage)
+
 
 @functools.cache
 def context_tags() -> dict[str, str]:
@@ -180,13 +215,20 @@ def context_tags() -> dict[str, str]:
         return {}
 
 
-def _experiment_id(client: Any, name: str) -> str:
-    """Get or create; another process may create it between our get and create."""
+def _experiment_id(client: Any, name: str, restore: bool) -> str:
+    """Get or create; another process may create it between our get and create. A deleted
+    experiment is restored if ``restore``, else ExperimentDeleted."""
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
-        return str(experiment.experiment_id)
+        experiment_id = str(experiment.experiment_id)
+        if experiment.lifecycle_stage == "deleted":
+            if not restore:
+                raise ExperimentDeleted(name, experiment_id)
+            client.restore_experiment(experiment_id)
+            log.warning("restored the deleted experiment", experiment=name, id=experiment_id)
+        return experiment_id
     try:
         return str(client.create_experiment(name))
     except MlflowException:

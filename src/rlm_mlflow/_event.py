@@ -15,7 +15,7 @@ class RunStart(NamedTuple):
     run_id: str
     time: float
     environment: str
-    task_chars: int
+    task_chars: int | None  # len(task); None when the task has no length
     params: dict[str, Any]  # a shallow copy taken in the hook
     key: str  # unique per start: a replay finds the run it already created by this tag
 

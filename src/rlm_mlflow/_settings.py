@@ -63,6 +63,11 @@ class Settings:
     spool_max_bytes: int = _setting(
         1 << 30, "Size cap of this process's journal; past it the when_full policy applies."
     )
+    restore_deleted_experiment: bool = _setting(
+        False,
+        "Restore the experiment when it was deleted in MLflow (else the sink reports it "
+        "unavailable and keeps the events in the spool, or counts them failed).",
+    )
     dead_letter_file: str = _setting(
         "",
         "JSONL file of what MLflow refused; empty: dead-letter.jsonl in spool_dir, "
@@ -72,10 +77,11 @@ class Settings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "str":
-                if not isinstance(value, str):
+            if f.type in ("str", "bool"):
+                kind = str if f.type == "str" else bool
+                if not isinstance(value, kind):
                     raise ValueError(
-                        f"{f.name} (env {env_name(f.name)}) must be a string, got {value!r}"
+                        f"{f.name} (env {env_name(f.name)}) must be a {f.type}, got {value!r}"
                     )
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -107,12 +113,12 @@ class Settings:
             raw = environ.get(env_name(f.name))
             if raw is None or (raw.strip() == "" and f.type != "str"):
                 continue
-            kind = {"int": int, "float": float, "str": str}[str(f.type)]
+            kind = PARSERS[str(f.type)]
             try:
                 values[f.name] = kind(raw)
             except ValueError:
                 raise ValueError(
-                    f"{env_name(f.name)}={raw!r} is not a valid {kind.__name__} (setting {f.name})"
+                    f"{env_name(f.name)}={raw!r} is not a valid {f.type} (setting {f.name})"
                 ) from None
         values.update(overrides)
         return cls(**values)
@@ -127,3 +133,17 @@ def parse_bool(raw: str | None, default: bool = False) -> bool:
     if raw is None:
         return default
     return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def strict_bool(raw: str) -> bool:
+    """A yes/no setting: 1/true/yes/on or 0/false/no/off, any case; else ValueError."""
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(raw)
+
+
+#: How a setting's environment variable (or flag) is read, by the field's type.
+PARSERS: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": strict_bool}

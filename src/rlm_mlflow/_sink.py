@@ -11,6 +11,7 @@ import importlib.util
 import os
 import signal
 import threading
+import time as _time
 from collections.abc import Mapping
 from pathlib import Path
 from time import time
@@ -22,7 +23,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
-from ._batcher import steps_per_batch
+from ._batcher import show, steps_per_batch
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
 from ._event import Marker, RunEnd, RunStart, Step
@@ -31,7 +32,7 @@ from ._redact import redact_text, redact_uri
 from ._settings import DEFAULT_EXPERIMENT, Settings, parse_bool
 from ._spool import OVERFLOW_FILE, Journal, Overflow, journal_meta
 from ._sync import SyncSummary, sync
-from ._worker import Worker
+from ._worker import LAST_ATTEMPT_S, Worker
 
 
 class MLflowSink:
@@ -67,7 +68,9 @@ class MLflowSink:
         self._worker: Worker | None = None
         self._unavailable: str | None = None
         self._hook_errors = 0
-        self._close_lock = threading.Lock()
+        self._hook_lock = threading.Lock()
+        # Re-entrant: the SIGTERM handler may close while this thread is inside close().
+        self._close_lock = threading.RLock()
         self._close_marker: Marker | None = None  # set once, by the first close()
         self._replayer: threading.Thread | None = None
         self.replayed: SyncSummary | None = None  # what the start-up replay of the spool did
@@ -128,7 +131,7 @@ class MLflowSink:
         starts empty (nothing of the parent's is sent twice) and has no runs open."""
         if self._worker is not None:  # let go of the parent's files (its flock stays its own)
             self._worker.release_files_after_fork()
-        self._close_lock = threading.Lock()
+        self._close_lock = threading.RLock()
         self._close_marker = None
         self._replayer = None
         self._start_forwarder(replay_orphans=False)
@@ -162,8 +165,10 @@ class MLflowSink:
         buffer = self._buffer
         if buffer is None:
             return
-        try:
-            buffer.put(RunStart(run_id, time(), environment, len(task), dict(params), uuid4().hex))
+        try:  # a run's start is never dropped for room: its whole run hangs on it
+            buffer.put_boundary(
+                RunStart(run_id, time(), environment, _chars(task), _copy(params), uuid4().hex)
+            )
         except Exception as exc:
             self._hook_failed("on_run_start", run_id, exc)
 
@@ -182,8 +187,8 @@ class MLflowSink:
         buffer = self._buffer
         if buffer is None:
             return
-        try:
-            buffer.put(
+        try:  # never dropped for room either: the run would stay RUNNING
+            buffer.put_boundary(
                 RunEnd(
                     run_id,
                     time(),
@@ -197,12 +202,17 @@ class MLflowSink:
             self._hook_failed("on_run_end", run_id, exc)
 
     def _hook_failed(self, hook: str, run_id: Any, exc: Exception) -> None:
-        self._hook_errors += 1
+        with self._hook_lock:  # hooks run on many threads; += is not atomic
+            self._hook_errors += 1
+        try:
+            detail = str(exc)[:200]
+        except Exception:  # an exception that cannot print itself
+            detail = "?"
         log.warning(
             "hook input rejected",
             hook=hook,
-            run_id=str(run_id)[:200],
-            error=f"{type(exc).__name__}: {str(exc)[:200]}",
+            run_id=run_id[:200] if isinstance(run_id, str) else show(run_id),
+            error=f"{type(exc).__name__}: {detail}",
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -224,23 +234,27 @@ class MLflowSink:
     def close(self, timeout: float | None = None) -> bool:
         """Flush, end every run still open as KILLED, and stop the worker. Idempotent.
 
-        Hooks called after close do nothing (each is counted as dropped).
+        Returns True when everything accepted was finished in time. When ``timeout`` (default:
+        the ``close_timeout`` setting) runs out first, its last seconds (at most
+        ``LAST_ATTEMPT_S``) go to a last attempt that ends every run created in MLflow
+        (FINISHED with its summary if its end came, else KILLED), and every event not
+        delivered is counted failed (or spooled): nothing stays pending. Hooks called after
+        close do nothing (each is counted as dropped).
         """
+        return _close_all([self], timeout)
+
+    def _begin_close(self) -> tuple[Marker, bool] | None:
+        """Queue the closing marker (once) and refuse new events; whether this call was the
+        first. None when there is nothing to close."""
         if self._buffer is None or self._worker is None:
-            return True
+            return None
         with self._close_lock:
             if self._close_marker is not None:
-                return self._wait(self._close_marker, timeout, "close")
+                return self._close_marker, False
             marker = self._close_marker = Marker(closing=True)
         self._buffer.put_marker(marker)
         self._buffer.close()
-        done = self._wait(marker, timeout, "close")
-        self._worker.abort(join_timeout=5.0)  # a no-op join when it already stopped
-        self._buffer.close_overflow()
-        if self._replayer is not None:
-            self._replayer.join(timeout if timeout is not None else self.settings.close_timeout)
-        _live_sinks.discard(self)
-        return done
+        return marker, True
 
     def _wait(self, marker: Marker, timeout: float | None, what: str) -> bool:
         assert self._buffer is not None and self._worker is not None
@@ -301,12 +315,12 @@ class MLflowSink:
     @property
     def available(self) -> bool:
         worker = self._worker
-        return worker is not None and worker.import_error is None
+        return worker is not None and worker.unavailable is None
 
     def status(self) -> dict[str, Any]:
         """The seed's keys (name, enabled, available, detail, experiment) and the forwarder's."""
         worker = self._worker
-        unavailable = self._unavailable or (worker.import_error if worker else None)
+        unavailable = self._unavailable or (worker.unavailable if worker else None)
         if not self.enabled:
             detail = "disabled"
         elif unavailable:
@@ -351,10 +365,31 @@ def _dead_letter_path(settings: Settings) -> Path:
 
 
 def _field(result: Any, name: str, default: Any) -> Any:
-    """The seed reads the result's attributes; a mapping works too."""
-    if isinstance(result, Mapping):
-        return result.get(name, default)
-    return getattr(result, name, default)
+    """The seed reads the result's attributes; a mapping works too. A result that cannot be
+    read gives None (the worker then leaves that summary value out, and says so)."""
+    try:
+        if isinstance(result, Mapping):
+            return result.get(name, default)
+        return getattr(result, name, default)
+    except Exception:
+        return None
+
+
+def _chars(task: Any) -> int | None:
+    """``len(task)``, the seed's ``task_chars``; None when it has no length."""
+    try:
+        return len(task)
+    except Exception:
+        return None
+
+
+def _copy(params: Any) -> Any:
+    """A shallow copy taken in the hook (the caller may change its dict afterwards); what
+    cannot be copied goes as it is, and the worker says it is not a mapping."""
+    try:
+        return dict(params)
+    except Exception:
+        return params
 
 
 def _replace(settings: Settings, overrides: dict[str, Any]) -> Settings:
@@ -367,9 +402,41 @@ def _replace(settings: Settings, overrides: dict[str, Any]) -> Settings:
 _live_sinks: set[MLflowSink] = set()
 
 
+def _close_all(sinks: list[MLflowSink], timeout: float | None) -> bool:
+    """Close ``sinks`` at once: every flush starts now, all share one deadline (each sink's
+    ``close_timeout`` unless ``timeout`` is given), and the last attempts run side by side.
+    Whether every sink finished everything in time."""
+    started = _time.monotonic()
+    closing = []
+    for sink in sinks:
+        begun = sink._begin_close()
+        if begun is not None:
+            limit = sink.settings.close_timeout if timeout is None else max(0.0, timeout)
+            closing.append((sink, *begun, started + limit))
+    done = True
+    for sink, marker, _, deadline in closing:
+        reserve = min(LAST_ATTEMPT_S, 0.2 * (deadline - started))
+        remaining = max(0.0, deadline - reserve - _time.monotonic())
+        done = sink._wait(marker, remaining, "close") and done
+    for sink, _, first, deadline in closing:
+        if first:
+            assert sink._worker is not None
+            sink._worker.stop(deadline)  # a no-op when it already stopped
+    for sink, _, first, deadline in closing:
+        if not first:
+            continue
+        assert sink._worker is not None and sink._buffer is not None
+        sink._worker.join(deadline)
+        sink._buffer.close_overflow()
+        if sink._replayer is not None:
+            sink._replayer.join(max(0.0, deadline - _time.monotonic()))
+        _live_sinks.discard(sink)
+    return done
+
+
 def _close_live_sinks() -> None:
-    for sink in list(_live_sinks):
-        sink.close()
+    """At exit (or on SIGTERM): every sink the user did not close, concurrently."""
+    _close_all(list(_live_sinks), None)
 
 
 def _restart_live_sinks_in_child() -> None:

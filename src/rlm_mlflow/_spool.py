@@ -46,16 +46,55 @@ Position = tuple[int, int]  # (segment number, byte offset in it)
 def _jsonable(value: Any) -> Any:
     """numpy scalars become numbers; anything else JSON cannot hold becomes a marker dict,
     which replay skips exactly as the live path skips a non-scalar param."""
-    if isinstance(value, numbers.Number) and hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
+    try:
+        if isinstance(value, numbers.Number) and hasattr(value, "item"):
+            return value.item()
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+    except Exception:
+        pass
+    return _unserializable(value)
+
+
+def _unserializable(value: Any) -> dict[str, str]:
     return {"__unserializable__": type(value).__name__}
 
 
 def encode(events: Sequence[RunEvent]) -> bytes:
+    """JSON of the events. Never raises: the journal only gets admitted (plain) events, but
+    the spill file takes the hooks' events as they came, so a value JSON cannot hold (a tuple
+    key, a cycle, a lone surrogate) becomes the marker, and the worker rejects or skips it."""
     rows = [[type(e).__name__, *e] for e in events]
-    return json.dumps(rows, default=_jsonable, separators=(",", ":")).encode()
+    try:
+        return _dumps(rows)
+    except (TypeError, ValueError, RecursionError):
+        return _dumps([[row[0], *(_plain(field) for field in row[1:])] for row in rows])
+
+
+def _dumps(rows: Any) -> bytes:
+    return json.dumps(rows, default=_jsonable, separators=(",", ":")).encode(
+        "utf-8", "backslashreplace"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if JSON takes it; a dict keeps its string-keyed entries JSON takes."""
+    try:
+        _dumps(value)
+        return value
+    except (TypeError, ValueError, RecursionError):
+        pass
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in list(value.items()):
+            name = key if isinstance(key, str) else f"<{type(key).__name__} key>"
+            try:
+                _dumps(item)
+                out[name] = item
+            except (TypeError, ValueError, RecursionError):
+                out[name] = _unserializable(item)
+        return out
+    return _unserializable(value)
 
 
 _KINDS: dict[str, type[RunStart] | type[Step] | type[RunEnd]] = {
@@ -72,7 +111,13 @@ def frame(events: Sequence[RunEvent]) -> bytes:
 
 
 def decode(payload: bytes) -> list[RunEvent]:
-    return [_KINDS[kind](*fields) for kind, *fields in json.loads(payload)]
+    """The events of one record; ValueError for anything that is not a list of events."""
+    events: list[RunEvent] = []
+    for row in json.loads(payload):
+        if not isinstance(row, list) or not row or row[0] not in _KINDS:
+            raise ValueError(f"not an event: {str(row)[:80]}")
+        events.append(_KINDS[row[0]](*row[1:]))
+    return events
 
 
 class Journal:

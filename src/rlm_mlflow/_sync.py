@@ -10,6 +10,7 @@ are ended as KILLED. A journal is deleted only once all of it has landed.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ._event import Marker, Step
 from ._log import log
 from ._settings import DEFAULT_EXPERIMENT, Settings
 from ._spool import orphans
-from ._worker import Worker
+from ._worker import LAST_ATTEMPT_S, Worker
 
 
 @dataclass
@@ -63,7 +64,13 @@ def sync(
             settings.queue_size, steps_per_batch(settings.batch_size), put_timeout=3600.0
         )
         worker = Worker(
-            buffer, settings, tracking_uri, experiment, dead_letters=dead_letters, replaying=True
+            buffer,
+            settings,
+            tracking_uri,
+            experiment,
+            dead_letters=dead_letters,
+            replaying=True,
+            park=False,
         )
         worker.start()
         runs: set[str] = set()
@@ -81,7 +88,9 @@ def sync(
         done = Marker(closing=True)
         buffer.put_marker(done)
         finished = done.done.wait(settings.retry_deadline + settings.close_timeout)
-        worker.abort(join_timeout=5.0)
+        deadline = time.monotonic() + LAST_ATTEMPT_S
+        worker.stop(deadline)
+        worker.join(deadline)
         stats = worker.stats
         summary.runs = len(runs)
         summary.delivered = stats.delivered

@@ -1,13 +1,18 @@
 """The worker: one anyio event loop in one background thread.
 
-It drains the buffer (journalling each drain first when a spool is set), routes events to one
-*lane* per run, and each lane sends its events in order: the run is created before any batch
-of it is sent, step batches go out concurrently (up to the adapter's in-flight limit), and the
-run is terminated only after all of them finished. Lanes of different runs never wait on each
-other, except a child run's creation, which waits for its parent's so that it can carry the
-``mlflow.parentRunId`` tag.
+It drains the buffer, admits each event (`_batcher.admit`: the one place where values are
+checked; a bad one is rejected alone), journals the drain when a spool is set, and routes the
+events to one *lane* per run. Each lane sends its events in order: the run is created before
+any batch of it is sent, step batches go out concurrently (up to the adapter's in-flight
+limit), and the run is terminated only after all of them finished. Lanes of different runs
+never wait on each other, except a child run's creation, which waits for its parent's so
+that it can carry the ``mlflow.parentRunId`` tag.
 
-Every event that leaves the buffer ends in exactly one counter of `Stats`.
+Every event that leaves the buffer ends in exactly one counter of `Stats`, whatever happens:
+an internal error in one lane counts that lane's batch as failed, a crash of the loop counts
+what was in flight and starts the loop again, and a close whose deadline runs out still ends
+every run it can in a short last attempt and counts the rest. A worker with nothing to do for
+`IDLE_PARK_S` lets its thread go; the next event starts it again.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from tenacity import RetryCallState
 
 from . import _batcher as batcher
 from ._buffer import Buffer
-from ._client import MlflowAdapter, is_transient
+from ._client import ExperimentDeleted, MlflowAdapter, is_transient
 from ._deadletter import DeadLetters
 from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
 from ._log import log
@@ -36,6 +41,11 @@ from ._settings import Settings
 from ._spool import Journal, Position
 
 U = TypeVar("U")
+
+#: Seconds without anything to do after which the worker's thread is let go.
+IDLE_PARK_S = 20.0
+#: At most this many seconds of a close's timeout are kept for the last attempt to end runs.
+LAST_ATTEMPT_S = 5.0
 
 
 @dataclass
@@ -46,9 +56,9 @@ class Stats:
     delivered: int = 0
     rejected: int = 0  # bad input, refused before sending
     dead_lettered: int = 0  # refused by MLflow for good; written to the dead-letter file
-    failed: int = 0  # transient failure past the retry deadline, no spool: lost
-    spooled: int = 0  # transient failure past the deadline (or close): kept in the journal
-    discarded: int = 0  # drained while mlflow is unavailable
+    failed: int = 0  # not delivered (unreachable past the deadline, or unavailable), no spool
+    spooled: int = 0  # not delivered, kept in the journal for a later sync
+    discarded: int = 0  # drained while mlflow cannot be imported
     retried: int = 0
     skipped: int = 0  # parts of an event not logged: non-scalar params, a missing run path
     last_error: str | None = None
@@ -78,11 +88,22 @@ class Lane:
     pending: list[Event] = field(default_factory=list)
     enqueued: int = 0
     completed: int = 0  # advanced only when a whole batch of pending events is done
+    finished: int = 0  # events of this lane counted in Stats (see Worker._tally)
     running: bool = False
+    terminated: bool = False
 
     @property
     def run_id(self) -> str:
         return self.start.run_id
+
+
+def _countable(events: Sequence[Event]) -> int:
+    """Caller's events among ``events``: not markers, not the sink's own KILLED ends."""
+    return sum(
+        1
+        for e in events
+        if not isinstance(e, Marker) and not (isinstance(e, RunEnd) and e.status == "KILLED")
+    )
 
 
 class Worker:
@@ -96,6 +117,7 @@ class Worker:
         dead_letters: DeadLetters,
         journal: Journal | None = None,
         replaying: bool = False,
+        park: bool = True,
     ) -> None:
         self._buffer = buffer
         self._settings = settings
@@ -104,40 +126,62 @@ class Worker:
         self._dead_letters = dead_letters
         self._journal = journal
         self._replaying = replaying  # a run may already exist: look it up by its key first
+        self._may_park = park
         self.stats = Stats()
         self.import_error: str | None = None
+        self.unavailable: str | None = None  # why nothing can be sent (status' detail)
         self.resolved_uri: str | None = None
         self._adapter: MlflowAdapter | None = None
-        self._connected_event: anyio.Event  # made in _main: anyio objects need the loop
+        self._connected_event: anyio.Event | None = None  # anyio objects need the loop
         self._open: dict[str, Lane] = {}  # started, end not yet routed
+        self._unended: set[Lane] = set()  # created in MLflow, not yet terminated
         self._busy: set[Lane] = set()  # lanes with unfinished events
         self._markers: list[tuple[Marker, dict[Lane, int]]] = []
         self._closing = False
         self._hold_acks = False  # something is kept for a later replay: the journal must stay
-        self._rejections_logged: set[tuple[object, str]] = set()
+        self._rejections_logged: set[tuple[str, str]] = set()
+        self._experiment_checked = 0.0
         self._abort = False
-        self._running = False
+        self._stop_by = 0.0  # time.monotonic() by which an aborted worker must be done
+        self._loops = 0  # event loops running this worker (a parked one has none)
+        self._state = threading.Lock()
         self._tg: TaskGroup | None = None
-        self._thread = threading.Thread(
-            target=anyio.run, args=(self.run,), name="rlm-mlflow", daemon=True
-        )
+        self._thread: threading.Thread | None = None
+        buffer.unpark = self._unpark
 
     # -- caller's side -------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._running = True  # from now: flush() may wait for it
-        self._thread.start()
+        """Run the worker in a thread of its own (else ``run`` is a task of the caller's)."""
+        with self._state:
+            self._loops += 1  # from now: flush() may wait for it
+            self._thread = threading.Thread(
+                target=anyio.run, args=(self.run,), name="rlm-mlflow", daemon=True
+            )
+            self._thread.start()
 
-    def abort(self, join_timeout: float) -> None:
-        """Cancel whatever is still in flight and stop the worker."""
+    def _unpark(self) -> None:
+        """Called by the buffer, under its lock, when an event comes for a parked worker."""
+        log.debug("worker starts again after a pause")
+        self.start()
+
+    def stop(self, deadline: float) -> None:
+        """Cancel whatever is still in flight, make a last attempt to end the runs by
+        ``deadline`` (time.monotonic()), and count the rest. Does not wait (see `join`)."""
+        self._stop_by = deadline
         self._abort = True
         self._buffer.wakeup.set()
-        if self._thread.ident is not None:  # a task-mode worker has no thread to join
-            self._thread.join(join_timeout)
+
+    def join(self, deadline: float) -> None:
+        """Wait for the thread to end (a second past ``deadline`` at most)."""
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
 
     @property
     def alive(self) -> bool:
-        return self._running
+        """Running, or parked (the next event starts it again)."""
+        return self._loops > 0 or self._buffer.parked
 
     def release_files_after_fork(self) -> None:
         """In a forked child: close the inherited journal and spill files, never write them."""
@@ -148,24 +192,41 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The worker's whole life: in its own thread, or as a task of the caller's loop."""
-        self._running = True
+        """The worker's life: in its own thread, or as a task of the caller's loop."""
+        with self._state:
+            if self._thread is not threading.current_thread():
+                self._loops += 1  # a task-mode worker is counted here
+        parked = False
         try:
-            await self._main()
-        except Exception as exc:  # a bug of ours: say so, and do not leave flush() hanging
-            log.exception("worker crashed", error=redact_text(str(exc)))
-            self.stats.last_error = redact_text(f"worker crashed: {exc!r}")
-            self._buffer.close()  # hooks must not wait on a buffer nobody drains
+            for _ in range(10):
+                try:
+                    parked = await self._main()
+                    break
+                except Exception as exc:  # a bug of ours: count, say so, and carry on
+                    self._recover(exc)
+            else:
+                log.error("worker keeps crashing; it stops", crashes=10)
+                self._buffer.close()
+            if not parked:
+                await self._finish()
         finally:
-            self._running = False
-            for marker, _ in self._markers:
-                marker.done.set()
+            with self._state:
+                self._loops -= 1
+            if not parked:  # stopped for good: nobody may wait on a marker any more
+                for marker, _ in self._markers:
+                    marker.done.set()
 
-    async def _main(self) -> None:
-        self._connected_event = anyio.Event()
+    async def _main(self) -> bool:
+        """Drain, route, repeat; until closed and idle, or aborted (False), or parked (True)."""
+        if self._connected_event is None or (self._adapter is None and self.unavailable is None):
+            self._connected_event = anyio.Event()
+        idle_since = time.monotonic()
+        parked = False
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._connect)
+            if not self._connected_event.is_set():
+                tg.start_soon(self._connect)
+            self._restart_lanes()
             while True:
                 # Sleep until a full batch waits (the hooks wake us), a marker comes, or the
                 # flush interval passes; and while the lanes (or the journal) are full.
@@ -177,18 +238,59 @@ class Worker:
                     )
                 self._buffer.wakeup.clear()
                 if self._abort:
-                    tg.cancel_scope.cancel()
                     break
                 if not self._no_room():
                     self._route_all(
                         self._buffer.drain(self._settings.queue_size - self._inflight())
                     )
-                self._report_drops()
+                self._report_drops(quiet=self._settings.put_timeout + 5.0)
                 if self._closing and not self._busy and len(self._buffer) == 0:
-                    tg.cancel_scope.cancel()  # the connect task, if it never got through
+                    break
+                if not self._idle():
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= IDLE_PARK_S and self._buffer.park():
+                    parked = True  # the thread goes; the next put starts a new one
                     break
                 await anyio.lowlevel.checkpoint()  # let the lanes run between drains
-        self._finish()
+            tg.cancel_scope.cancel()  # the connect task, lanes still sending when aborted
+        return parked
+
+    def _idle(self) -> bool:
+        connected = self._connected_event is not None and self._connected_event.is_set()
+        return (
+            self._may_park
+            and connected
+            and not self._busy
+            and not self._markers
+            and not self._closing
+            and len(self._buffer) == 0
+        )
+
+    def _restart_lanes(self) -> None:
+        """After a park or a crash: the lanes with events get a task in the new loop."""
+        for lane in list(self._busy):
+            lane.running = False
+            if lane.pending:
+                self._spawn(lane)
+
+    def _recover(self, exc: BaseException) -> None:
+        """The loop crashed (a bug): what was in flight is counted failed; the buffer, and
+        the runs open in MLflow, stay as they are for the next loop."""
+        lost = self._inflight()
+        log.error(
+            "worker loop crashed; what was in flight is counted failed, the loop restarts",
+            error=redact_text(f"{type(exc).__name__}: {exc}")[:500],
+            events=lost,
+            exc_info=exc,
+        )
+        self.stats.last_error = redact_text(f"worker crashed: {exc!r}")[:500]
+        self.stats.failed += lost
+        for lane in self._busy:
+            lane.pending.clear()
+            lane.completed = lane.enqueued
+            lane.running = False
+        self._busy.clear()
+        self._check_markers()
 
     def _no_room(self) -> bool:
         journal_full = self._journal is not None and self._journal.full()
@@ -203,6 +305,7 @@ class Worker:
         The loop drains (and journals) meanwhile: a server that is down at start costs
         nothing but the wait.
         """
+        assert self._connected_event is not None
         delay = 0.5
         try:
             while True:
@@ -211,17 +314,19 @@ class Worker:
                         MlflowAdapter.connect_sync,
                         self._tracking_uri,
                         self._experiment,
-                        self._settings.request_timeout,
-                        self._settings.max_in_flight,
-                        self._settings.retry_deadline,
+                        self._settings,
                         self._on_retry,
                         abandon_on_cancel=True,
                     )
                     break
                 except ImportError as exc:
                     self.import_error = f"unavailable: {exc}"
+                    self._set_unavailable(self.import_error)
                     log.error("mlflow cannot be imported; events are discarded", error=str(exc))
                     self._buffer.close()
+                    return
+                except ExperimentDeleted as exc:
+                    self._set_unavailable(f"unavailable: {exc}")
                     return
                 except Exception as exc:
                     self._note_error("connect", exc)
@@ -244,42 +349,76 @@ class Worker:
         finally:
             self._connected_event.set()
 
-    def _finish(self) -> None:
-        """After the loop: account for what never got out, and settle the journal."""
+    def _set_unavailable(self, reason: str) -> None:
+        """From now on nothing is sent: events are kept in the journal (spooled) if there is
+        one, else counted failed (discarded when mlflow is missing)."""
+        if self.unavailable is None and self.import_error is None:
+            log.error(
+                "MLflow sink unavailable; events are kept in the spool"
+                if self._journal is not None
+                else "MLflow sink unavailable; events are counted failed (no spool)",
+                reason=reason,
+            )
+        self.unavailable = reason
+        self.stats.last_error = reason[:500]
+
+    async def _finish(self) -> None:
+        """After the loop: a last attempt to end the runs (when the close deadline ran out),
+        then account for everything that did not get out, and settle the journal."""
+        drained = [e for e in self._buffer.drain(len(self._buffer)) if not isinstance(e, Marker)]
+        leftover, _ = self._intake(drained)  # counted, admitted, journalled: not sent now
+        if self._abort and self._unended:
+            with anyio.move_on_after(max(0.0, self._stop_by - time.monotonic())):
+                await self._last_attempt(leftover)
+        self._report_drops(quiet=0.0)
+        lost = self._inflight()
         if self._journal is not None:
-            leftover: list[RunEvent] = [
-                e for e in self._buffer.drain(len(self._buffer)) if not isinstance(e, Marker)
-            ]
-            if leftover:  # closed before these were drained: keep them for a replay
-                self._journal.append(leftover)
-                self.stats.drained += len(leftover)
-            pending = self._inflight()
-            if pending:
-                self.stats.spooled += pending
-                self._hold_acks = True
+            if lost:
+                self._give_up(lost)
                 log.warning(
                     "events kept in the spool for a later sync",
-                    events=pending,
+                    events=lost,
                     journal=str(self._journal.dir),
                 )
             self._journal.close(remove=not self._hold_acks)
-        elif pending := self._inflight():
-            self.stats.failed += pending
+        elif lost:
+            self._give_up(lost)
             log.error(
                 "worker stopped with events undelivered; they are lost (no spool)",
-                events=pending,
-                runs_open=sorted(self._open),
+                events=lost,
+                delivered=self.stats.delivered,
+                runs_ended_at_close=sum(1 for lane in self._unended if lane.terminated),
             )
+
+    async def _last_attempt(self, leftover: list[Event]) -> None:
+        """The close deadline ran out: end every run created in MLflow, FINISHED with its
+        summary if its end came (routed or still queued), else KILLED. No artifacts."""
+        ends: dict[str, RunEnd] = {}
+        for lane in self._unended:
+            for event in lane.pending:
+                if isinstance(event, RunEnd):
+                    ends[lane.run_id] = event
+        for event in leftover:
+            if isinstance(event, RunEnd):
+                ends.setdefault(event.run_id, event)
+        async with anyio.create_task_group() as tg:
+            for lane in list(self._unended):
+                end = ends.get(lane.run_id) or RunEnd(
+                    lane.run_id, time.time(), None, None, None, None, "KILLED"
+                )
+                tg.start_soon(self._end, lane, end, False)
 
     # -- routing (event loop thread, in buffer order) --------------------------------------------
 
     def _route_all(self, drained: list[Event]) -> None:
-        events: list[RunEvent] = [e for e in drained if not isinstance(e, Marker)]
-        position: Position | None = None
-        if self._journal is not None and events and self.import_error is None:
-            position = self._journal.append(events)
-        for event in drained:
-            self._route(event)
+        admitted, position = self._intake(drained)
+        for event in admitted:
+            try:
+                self._route(event)
+            except Exception as exc:  # a bug of ours: this event alone pays for it
+                log.exception("internal error routing an event", error=repr(exc)[:300])
+                if not isinstance(event, Marker):
+                    self.stats.failed += 1
         # Wake for a drain when every open run has a full log_batch waiting, on average:
         # waking at one batch's worth split over many runs sends many small requests, and a
         # request's fixed cost at the server is what limits throughput.
@@ -290,24 +429,65 @@ class Worker:
         if position is not None and not self._hold_acks:
             self._add_marker(Marker(ack=(position, [lane.start for lane in self._open.values()])))
 
+    def _intake(self, drained: Sequence[Event]) -> tuple[list[Event], Position | None]:
+        """Count what left the buffer, admit it, and journal what was admitted."""
+        self.stats.drained += sum(1 for e in drained if not isinstance(e, Marker))
+        admitted: list[Event] = []
+        for item in drained:
+            event = item if isinstance(item, Marker) else self._admit(item)
+            if event is not None:
+                admitted.append(event)
+        events: list[RunEvent] = [e for e in admitted if not isinstance(e, Marker)]
+        return admitted, self._journal_append(events)
+
+    def _admit(self, event: RunEvent) -> RunEvent | None:
+        try:
+            admitted, problems = batcher.admit(event)
+        except batcher.BadInput as exc:
+            self._reject(event, str(exc))
+            return None
+        except Exception as exc:  # a value that broke a check: reject it, alone
+            self._reject(event, f"cannot be read: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+        if problems:
+            self.stats.skipped += len(problems)
+            log.warning(
+                "parts of an event not logged",
+                run_id=admitted.run_id,
+                hook=_hook_name(admitted),
+                reason="; ".join(problems),
+            )
+        return admitted
+
+    def _journal_append(self, events: list[RunEvent]) -> Position | None:
+        if self._journal is None or not events or self.import_error is not None:
+            return None
+        try:
+            return self._journal.append(events)
+        except OSError as exc:  # e.g. a full disk: go on without the spool
+            log.error(
+                "spool write failed; going on without it (what it holds stays for a sync)",
+                journal=str(self._journal.dir),
+                error=str(exc),
+            )
+            self._journal.close(remove=False)
+            self._journal = None
+            return None
+
     def _route(self, event: Event) -> None:
         if isinstance(event, Marker):
             self._add_marker(event)
             return
-        self.stats.drained += 1
-        if self.import_error is not None:
-            self.stats.discarded += 1
+        if self.unavailable is not None:
+            self._give_up(_countable([event]))
             return
         lane = self._open.get(event.run_id)
         if isinstance(event, RunStart):
             if lane is not None:
                 self._reject(event, "on_run_start for a run that is already open")
                 return
-            if not isinstance(event.run_id, str) or not event.run_id:
-                self._reject(event, f"run_id is not a non-empty string: {event.run_id!r:.80}")
-                return
             parent_id = event.params.get("parent_run_id")
-            parent = self._open.get(str(parent_id)) if parent_id else None
+            parent = self._open.get(str(parent_id)) if parent_id is not None else None
             lane = self._open[event.run_id] = Lane(event, parent)
         elif lane is None:
             self._reject(event, f"{_hook_name(event)} for a run that is not open")
@@ -321,9 +501,12 @@ class Worker:
         lane.enqueued += 1
         self._busy.add(lane)
         if not lane.running:
-            lane.running = True
-            assert self._tg is not None
-            self._tg.start_soon(self._drive, lane, name=f"lane {lane.run_id}")
+            self._spawn(lane)
+
+    def _spawn(self, lane: Lane) -> None:
+        lane.running = True
+        assert self._tg is not None
+        self._tg.start_soon(self._drive, lane, name=f"lane {lane.run_id[:80]}")
 
     def _add_marker(self, marker: Marker) -> None:
         if marker.closing:
@@ -351,15 +534,25 @@ class Worker:
     # -- sending (one task per busy lane) --------------------------------------------------------
 
     async def _drive(self, lane: Lane) -> None:
+        assert self._connected_event is not None
         await self._connected_event.wait()
         while lane.pending:
             batch, lane.pending = lane.pending, []
-            if self._adapter is None:  # mlflow could not be imported
-                self.stats.discarded += sum(
-                    1 for e in batch if not (isinstance(e, RunEnd) and e.status == "KILLED")
+            before = lane.finished
+            try:
+                if self._adapter is None or self.unavailable is not None:
+                    self._give_up(_countable(batch), lane)
+                else:
+                    await self._send(lane, batch)
+            except Exception as exc:  # a bug of ours: this batch alone pays for it
+                lost = _countable(batch) - (lane.finished - before)
+                log.exception(
+                    "internal error sending a run's events; they are counted failed",
+                    run_id=lane.run_id,
+                    events=lost,
+                    error=repr(exc)[:300],
                 )
-            else:
-                await self._send(lane, batch)
+                self._tally(lane, "failed", max(0, lost))
             lane.completed += len(batch)
             if lane.completed == lane.enqueued:
                 self._busy.discard(lane)
@@ -396,48 +589,38 @@ class Worker:
                 lane.mlflow_id = await adapter.create_run(
                     batcher.run_name(lane.run_id), batcher.timestamp_ms(event.time), tags
                 )
+            self._unended.add(lane)
         except Exception as exc:
             lane.start_error = exc
-            self._undeliverable(1, lane, "create_run", exc, [{"run_id": lane.run_id}])
+            await self._undeliverable(1, lane, "create_run", exc, [{"run_id": lane.run_id}])
             return
         finally:
             lane.created.set()
-        params, skipped = batcher.run_params(event)
-        if skipped:
-            self.stats.skipped += len(skipped)
-            log.warning("params not logged", run_id=lane.run_id, params=skipped)
         mlflow_id = lane.mlflow_id
-        failures = await self._bisect(
-            list(params.items()), lambda part: adapter.log_params(mlflow_id, part)
-        )
+        params = [(key, str(value)) for key, value in event.params.items()]
+        failures = await self._bisect(params, lambda part: adapter.log_params(mlflow_id, part))
         for part, error in failures:
-            self._undeliverable(
+            await self._undeliverable(
                 0, lane, "log_params", error, [{"key": k, "value": v} for k, v in part]
             )
         if failures:
             self._count_outcome(lane, failures[-1][1])
         else:
-            self.stats.delivered += 1
+            self._tally(lane, "delivered", 1)
 
     async def _send_steps(self, lane: Lane, steps: list[Step]) -> None:
         rows: list[batcher.MetricRow] = []
         for event in steps:
-            try:
-                pair = batcher.step_rows(event)
-            except batcher.BadInput as exc:
-                self._reject(event, str(exc))
+            if event.step in lane.seen_steps:
+                self._reject(event, f"step {event.step} repeated (the first one was kept)", lane)
                 continue
-            step = pair[0][3]
-            if step in lane.seen_steps:
-                self._reject(event, f"step {step} repeated (the first one was kept)")
-                continue
-            lane.seen_steps.add(step)
-            rows.extend(pair)
+            lane.seen_steps.add(event.step)
+            rows.extend(batcher.step_rows(event))
         if not rows:
             return
         if lane.mlflow_id is None:
             assert lane.start_error is not None
-            self._undeliverable(
+            await self._undeliverable(
                 len(rows) // 2, lane, "log_batch", lane.start_error, _metric_dicts([rows])
             )
             return
@@ -453,11 +636,11 @@ class Worker:
         failures = await self._bisect(rows, lambda part: adapter.log_metrics(mlflow_id, part))
         lost: dict[int, Exception] = {}  # step -> why (an event is lost if either metric is)
         for part, exc in failures:
-            self._undeliverable(0, lane, "log_batch", exc, _metric_dicts([part]))
+            await self._undeliverable(0, lane, "log_batch", exc, _metric_dicts([part]))
             lost.update((row[3], exc) for row in part)
         for exc in lost.values():
             self._count_outcome(lane, exc)
-        self.stats.delivered += len(rows) // len(batcher.STEP_METRICS) - len(lost)
+        self._tally(lane, "delivered", len(rows) // len(batcher.STEP_METRICS) - len(lost))
 
     async def _bisect(
         self, units: list[U], send: Callable[[list[U]], Awaitable[None]]
@@ -469,7 +652,7 @@ class Worker:
         try:
             await send(units)
         except Exception as exc:
-            if len(units) == 1 or is_transient(exc):
+            if len(units) == 1 or is_transient(exc) or self.unavailable is not None:
                 return [(units, exc)]
             middle = len(units) // 2
             return await self._bisect(units[:middle], send) + await self._bisect(
@@ -477,42 +660,50 @@ class Worker:
             )
         return []
 
-    async def _end(self, lane: Lane, event: RunEnd) -> None:
+    async def _end(self, lane: Lane, event: RunEnd, upload: bool = True) -> None:
+        """Summary, artifact, then terminate; ``upload`` is off in the close's last attempt."""
         # A KILLED end is the sink's own (see _add_marker), not a caller's event: not counted.
         events = 1 if event.status == "FINISHED" else 0
         if lane.mlflow_id is None:
             assert lane.start_error is not None
-            self._undeliverable(events, lane, "set_terminated", lane.start_error, [])
+            await self._undeliverable(events, lane, "set_terminated", lane.start_error, [])
             return
         adapter = self._ready_adapter()
         mlflow_id = lane.mlflow_id
         failed: list[tuple[str, Exception]] = []
         if event.status == "FINISHED":
-            rows, problems = batcher.summary_rows(event)
-            if problems:
-                self.stats.skipped += len(problems)
-                log.warning("summary metrics not logged", run_id=lane.run_id, reasons=problems)
+            rows = batcher.admitted_summary_rows(event)
             for part, error in await self._bisect(
                 rows, lambda part: adapter.log_metrics(mlflow_id, part)
             ):
-                self._undeliverable(0, lane, "log_batch", error, _metric_dicts([part]))
+                await self._undeliverable(0, lane, "log_batch", error, _metric_dicts([part]))
                 failed.append(("log_batch", error))
-            failed.extend(await self._upload(lane, event))
+            if upload:
+                failed.extend(await self._upload(lane, event))
+            elif event.run_path is not None:
+                self.stats.skipped += 1
+                log.warning(
+                    "run_path not uploaded: the close deadline ran out",
+                    run_id=lane.run_id,
+                    run_path=event.run_path,
+                )
         try:  # even when the rest failed: never leave an orphaned RUNNING run
             await adapter.set_terminated(mlflow_id, event.status, batcher.timestamp_ms(event.time))
+            lane.terminated = True
+            self._unended.discard(lane)
         except Exception as exc:
-            self._undeliverable(0, lane, "set_terminated", exc, [{"status": event.status}])
+            await self._undeliverable(0, lane, "set_terminated", exc, [{"status": event.status}])
             failed.append(("set_terminated", exc))
         if failed:
             self._count_outcome(lane, failed[-1][1], events)
         else:
-            self.stats.delivered += events
+            self._tally(lane, "delivered", events)
 
     async def _upload(self, lane: Lane, event: RunEnd) -> list[tuple[str, Exception]]:
         if event.run_path is None:
             return []
         assert lane.mlflow_id is not None
-        path = os.fspath(event.run_path)
+        path = event.run_path
         if not os.path.exists(path):
             self.stats.skipped += 1
             log.warning(
@@ -521,8 +712,20 @@ class Worker:
             return []
         try:
             await self._ready_adapter().log_path(lane.mlflow_id, path)
+        except OSError as exc:
+            if is_transient(exc) or exc.filename is None:
+                await self._undeliverable(0, lane, "log_artifact", exc, [{"path": path}])
+                return [("log_artifact", exc)]
+            # a local file we cannot read (permissions, a symlink loop): not MLflow's refusal
+            self.stats.skipped += 1
+            log.warning(
+                "run_path could not be read; no artifact logged",
+                run_id=lane.run_id,
+                run_path=path,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
         except Exception as exc:
-            self._undeliverable(0, lane, "log_artifact", exc, [{"path": path}])
+            await self._undeliverable(0, lane, "log_artifact", exc, [{"path": path}])
             return [("log_artifact", exc)]
         return []
 
@@ -532,10 +735,31 @@ class Worker:
         assert self._adapter is not None, "lanes send only once connected"
         return self._adapter
 
-    def _reject(self, event: Event, reason: str) -> None:
+    def _tally(self, lane: Lane | None, outcome: str, events: int) -> None:
+        """Count ``events`` in one counter of `Stats` (and as finished for their lane)."""
+        if events <= 0:
+            return
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + events)
+        if lane is not None:
+            lane.finished += events
+
+    def _give_up(self, events: int, lane: Lane | None = None) -> None:
+        """Events that will not be sent by this worker: discarded without mlflow, else kept
+        in the journal (spooled) or lost (failed)."""
+        if self.import_error is not None:
+            self._tally(lane, "discarded", events)
+        elif self._journal is not None:
+            self._hold_acks = True
+            self._tally(lane, "spooled", events)
+        else:
+            self._tally(lane, "failed", events)
+
+    def _reject(self, event: Event, reason: str, lane: Lane | None = None) -> None:
         """Count every rejection; log the first one per run and hook, not one per event."""
-        self.stats.rejected += 1
-        key = (getattr(event, "run_id", None), _hook_name(event))
+        self._tally(lane, "rejected", 1)
+        run_id = getattr(event, "run_id", None)
+        shown = run_id if isinstance(run_id, str) else batcher.show(run_id)
+        key = (shown[:200], _hook_name(event))
         if key in self._rejections_logged:
             return
         if len(self._rejections_logged) < 10_000:
@@ -547,47 +771,63 @@ class Worker:
             reason=reason,
         )
 
-    def _undeliverable(
+    async def _undeliverable(
         self, events: int, lane: Lane, call: str, exc: BaseException, entities: list[Any]
     ) -> None:
         """What did not land: dead-lettered if MLflow refused it, else spooled or failed."""
         self._note_error(call, exc)
-        if is_transient(exc):
+        if is_transient(exc) or self.unavailable is not None or await self._experiment_gone():
             log.error(
-                "mlflow unreachable past the retry deadline",
+                "mlflow unavailable"
+                if self.unavailable is not None
+                else "mlflow unreachable past the retry deadline",
                 run_id=lane.run_id,
                 call=call,
                 events=events,
                 kept_in_spool=self._journal is not None,
                 error=self.stats.last_error,
             )
-        else:
-            self._dead_letters.write(
-                run_id=lane.run_id,
-                mlflow_run_id=lane.mlflow_id,
-                call=call,
-                entities=entities,
-                reason=str(exc),
-            )
-            log.error(
-                "mlflow refused; dead-lettered",
-                run_id=lane.run_id,
-                call=call,
-                events=events,
-                error=self.stats.last_error,
-                dead_letter_file=str(self._dead_letters.path),
-            )
-        if events:
-            self._count_outcome(lane, exc, events)
+            self._give_up(events, lane)
+            return
+        self._dead_letters.write(
+            run_id=lane.run_id,
+            mlflow_run_id=lane.mlflow_id,
+            call=call,
+            entities=entities,
+            reason=str(exc),
+        )
+        log.error(
+            "mlflow refused; dead-lettered",
+            run_id=lane.run_id,
+            call=call,
+            events=events,
+            error=self.stats.last_error,
+            dead_letter_file=str(self._dead_letters.path),
+        )
+        self._tally(lane, "dead_lettered", events)
+
+    async def _experiment_gone(self) -> bool:
+        """After a refusal: was the experiment deleted under us? (asked at most every 5 s)"""
+        now = time.monotonic()
+        if self._adapter is None or now - self._experiment_checked < 5.0:
+            return self.unavailable is not None
+        self._experiment_checked = now
+        try:
+            state = await self._adapter.experiment_state()
+        except Exception:
+            return False
+        if state == "active":
+            return False
+        self._set_unavailable(
+            f"unavailable: {ExperimentDeleted(self._experiment, self._adapter.experiment_id)}"
+        )
+        return True
 
     def _count_outcome(self, lane: Lane, exc: BaseException, events: int = 1) -> None:
-        if not is_transient(exc):
-            self.stats.dead_lettered += events
-        elif self._journal is not None:
-            self.stats.spooled += events
-            self._hold_acks = True
+        if self.unavailable is not None or is_transient(exc):
+            self._give_up(events, lane)
         else:
-            self.stats.failed += events
+            self._tally(lane, "dead_lettered", events)
 
     def _note_error(self, what: str, exc: BaseException) -> None:
         self.stats.last_error = redact_text(f"{what}: {type(exc).__name__}: {str(exc)[:500]}")
@@ -602,8 +842,8 @@ class Worker:
             error=redact_text(str(exc))[:300],
         )
 
-    def _report_drops(self) -> None:
-        burst = self._buffer.take_drop_burst()
+    def _report_drops(self, quiet: float) -> None:
+        burst = self._buffer.take_drop_burst(quiet)
         if burst:
             log.warning(
                 "events dropped in the last burst",

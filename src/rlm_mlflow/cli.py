@@ -24,7 +24,7 @@ from ._client import is_http
 from ._deadletter import DeadLetters
 from ._log import RECORD_KEY, stdlib_logger
 from ._redact import redact_uri
-from ._settings import DEFAULT_EXPERIMENT, Settings, env_name, parse_bool
+from ._settings import DEFAULT_EXPERIMENT, PARSERS, Settings, env_name, parse_bool
 from ._sink import MLflowSink
 from ._sync import sync
 
@@ -441,7 +441,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
     for f in dataclasses.fields(Settings):
         if f.name in skip:
             continue
-        kind = {"int": int, "float": float, "str": str}[str(f.type)]
+        kind = PARSERS[str(f.type)]
         help_text = f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})"
         group.add_argument(
             f"--{f.name.replace('_', '-')}",
