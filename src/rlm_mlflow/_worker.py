@@ -86,11 +86,13 @@ class Lane:
     start_error: BaseException | None = None
     seen_steps: set[int] = field(default_factory=set)
     pending: list[Event] = field(default_factory=list)
+    sending: list[Event] = field(default_factory=list)  # the batch a lane task is sending
     enqueued: int = 0
     completed: int = 0  # advanced only when a whole batch of pending events is done
     finished: int = 0  # events of this lane counted in Stats (see Worker._tally)
     running: bool = False
     terminated: bool = False
+    recreate: bool = False  # its start was lost in a crash of the loop: create it again
 
     @property
     def run_id(self) -> str:
@@ -290,6 +292,10 @@ class Worker:
             lane.completed = lane.enqueued
             lane.running = False
         self._busy.clear()
+        for lane in self._open.values():  # the run's later events still deserve to land
+            if lane.mlflow_id is None and lane.start_error is None:
+                lane.recreate = True
+                lane.created = anyio.Event()
         self._check_markers()
 
     def _no_room(self) -> bool:
@@ -363,13 +369,14 @@ class Worker:
         self.stats.last_error = reason[:500]
 
     async def _finish(self) -> None:
-        """After the loop: a last attempt to end the runs (when the close deadline ran out),
+        """After the loop: when the close deadline ran out, a last attempt to end the runs;
         then account for everything that did not get out, and settle the journal."""
-        drained = [e for e in self._buffer.drain(len(self._buffer)) if not isinstance(e, Marker)]
-        leftover, _ = self._intake(drained)  # counted, admitted, journalled: not sent now
-        if self._abort and self._unended:
+        self._tg = None  # routed from now on, never sent by a lane
+        self._route_all(self._buffer.drain(len(self._buffer)))
+        connected = self._adapter is not None and self.unavailable is None
+        if self._abort and connected and (self._busy or self._unended):
             with anyio.move_on_after(max(0.0, self._stop_by - time.monotonic())):
-                await self._last_attempt(leftover)
+                await self._last_attempt()
         self._report_drops(quiet=0.0)
         lost = self._inflight()
         if self._journal is not None:
@@ -387,26 +394,33 @@ class Worker:
                 "worker stopped with events undelivered; they are lost (no spool)",
                 events=lost,
                 delivered=self.stats.delivered,
-                runs_ended_at_close=sum(1 for lane in self._unended if lane.terminated),
             )
 
-    async def _last_attempt(self, leftover: list[Event]) -> None:
-        """The close deadline ran out: end every run created in MLflow, FINISHED with its
-        summary if its end came (routed or still queued), else KILLED. No artifacts."""
-        ends: dict[str, RunEnd] = {}
-        for lane in self._unended:
-            for event in lane.pending:
-                if isinstance(event, RunEnd):
-                    ends[lane.run_id] = event
-        for event in leftover:
-            if isinstance(event, RunEnd):
-                ends.setdefault(event.run_id, event)
+    async def _last_attempt(self) -> None:
+        """The close deadline ran out: every run the caller started is created if it was
+        not yet (and the time allows), and ended: FINISHED with its summary if its end came,
+        else KILLED. Steps still waiting are not sent (they are counted by the caller); no
+        artifacts."""
         async with anyio.create_task_group() as tg:
-            for lane in list(self._unended):
-                end = ends.get(lane.run_id) or RunEnd(
-                    lane.run_id, time.time(), None, None, None, None, "KILLED"
-                )
-                tg.start_soon(self._end, lane, end, False)
+            for lane in self._busy | self._unended:
+                unsent = lane.sending + lane.pending  # the batch a cancelled task was sending
+                lane.sending, lane.pending = [], []
+                end = next((e for e in unsent if isinstance(e, RunEnd)), None)
+                if end is None or end.status == "KILLED":
+                    end = RunEnd(lane.run_id, time.time(), None, None, None, None, "KILLED")
+                create = lane.mlflow_id is None and lane.start_error is None
+                tg.start_soon(self._close_run, lane, end, create)
+
+    async def _close_run(self, lane: Lane, end: RunEnd, create: bool) -> None:
+        try:
+            if create:  # its start may have been in flight: find the run before creating it
+                await self._start(lane, lane.start, find=True)
+            if lane.mlflow_id is not None and not lane.terminated:
+                await self._end(lane, end, upload=False)
+        except Exception as exc:  # a bug of ours: the other runs still get their end
+            log.exception(
+                "internal error ending a run at close", run_id=lane.run_id, error=repr(exc)
+            )
 
     # -- routing (event loop thread, in buffer order) --------------------------------------------
 
@@ -504,8 +518,9 @@ class Worker:
             self._spawn(lane)
 
     def _spawn(self, lane: Lane) -> None:
+        if self._tg is None:  # the loop is over: what is routed now waits for _last_attempt
+            return
         lane.running = True
-        assert self._tg is not None
         self._tg.start_soon(self._drive, lane, name=f"lane {lane.run_id[:80]}")
 
     def _add_marker(self, marker: Marker) -> None:
@@ -538,6 +553,7 @@ class Worker:
         await self._connected_event.wait()
         while lane.pending:
             batch, lane.pending = lane.pending, []
+            lane.sending = batch
             before = lane.finished
             try:
                 if self._adapter is None or self.unavailable is not None:
@@ -553,6 +569,7 @@ class Worker:
                     error=repr(exc)[:300],
                 )
                 self._tally(lane, "failed", max(0, lost))
+            lane.sending = []
             lane.completed += len(batch)
             if lane.completed == lane.enqueued:
                 self._busy.discard(lane)
@@ -562,6 +579,9 @@ class Worker:
         lane.running = False
 
     async def _send(self, lane: Lane, batch: list[Event]) -> None:
+        if lane.recreate:
+            lane.recreate = False
+            await self._start(lane, lane.start, counted=False)
         steps: list[Step] = []
         for event in batch:
             if isinstance(event, Step):
@@ -575,14 +595,20 @@ class Worker:
                 await self._end(lane, event)
         await self._send_steps(lane, steps)
 
-    async def _start(self, lane: Lane, event: RunStart) -> None:
+    async def _start(
+        self, lane: Lane, event: RunStart, counted: bool = True, find: bool = False
+    ) -> None:
+        """Create the run (or, replaying or ``find``, find it by its key first), then log its
+        params. ``counted`` is off when the start event was already counted (re-created after
+        a crash of the loop)."""
         adapter = self._ready_adapter()
+        events = 1 if counted else 0
         try:
             parent_mlflow_id = None
             if lane.parent is not None:
                 await lane.parent.created.wait()
                 parent_mlflow_id = lane.parent.mlflow_id
-            if self._replaying:
+            if self._replaying or find:
                 lane.mlflow_id = await adapter.find_run(event.key)
             if lane.mlflow_id is None:
                 tags = batcher.run_tags(lane.run_id, parent_mlflow_id, event.key)
@@ -592,7 +618,7 @@ class Worker:
             self._unended.add(lane)
         except Exception as exc:
             lane.start_error = exc
-            await self._undeliverable(1, lane, "create_run", exc, [{"run_id": lane.run_id}])
+            await self._undeliverable(events, lane, "create_run", exc, [{"run_id": lane.run_id}])
             return
         finally:
             lane.created.set()
@@ -604,9 +630,9 @@ class Worker:
                 0, lane, "log_params", error, [{"key": k, "value": v} for k, v in part]
             )
         if failures:
-            self._count_outcome(lane, failures[-1][1])
+            self._count_outcome(lane, failures[-1][1], events)
         else:
-            self._tally(lane, "delivered", 1)
+            self._tally(lane, "delivered", events)
 
     async def _send_steps(self, lane: Lane, steps: list[Step]) -> None:
         rows: list[batcher.MetricRow] = []
