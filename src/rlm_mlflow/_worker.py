@@ -32,9 +32,9 @@ from tenacity import RetryCallState
 
 from . import _batcher as batcher
 from ._buffer import Buffer
-from ._client import ExperimentDeleted, MlflowAdapter, is_transient
 from ._deadletter import DeadLetters
 from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
+from ._exporter import Connection, ExperimentDeleted, is_transient
 from ._log import log
 from ._redact import redact_text, redact_uri
 from ._settings import Settings
@@ -133,7 +133,7 @@ class Worker:
         self.import_error: str | None = None
         self.unavailable: str | None = None  # why nothing can be sent (status' detail)
         self.resolved_uri: str | None = None
-        self._adapter: MlflowAdapter | None = None
+        self._adapter: Connection | None = None
         self._connected_event: anyio.Event | None = None  # anyio objects need the loop
         self._open: dict[str, Lane] = {}  # started, end not yet routed
         self._unended: set[Lane] = set()  # created in MLflow, not yet terminated
@@ -317,7 +317,7 @@ class Worker:
             while True:
                 try:
                     self._adapter = await anyio.to_thread.run_sync(
-                        MlflowAdapter.connect_sync,
+                        Connection.open,
                         self._tracking_uri,
                         self._experiment,
                         self._settings,
@@ -757,7 +757,7 @@ class Worker:
 
     # -- outcomes --------------------------------------------------------------------------------
 
-    def _ready_adapter(self) -> MlflowAdapter:
+    def _ready_adapter(self) -> Connection:
         assert self._adapter is not None, "lanes send only once connected"
         return self._adapter
 

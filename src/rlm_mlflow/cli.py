@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._client import is_http
 from ._deadletter import DeadLetters
+from ._exporter import is_http
 from ._log import RECORD_KEY, stdlib_logger
 from ._redact import redact_uri
 from ._settings import DEFAULT_EXPERIMENT, PARSERS, Settings, env_name, parse_bool
