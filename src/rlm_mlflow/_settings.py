@@ -63,6 +63,11 @@ class Settings:
     spool_max_bytes: int = _setting(
         1 << 30, "Size cap of this process's journal; past it the when_full policy applies."
     )
+    handle_sigterm: bool = _setting(
+        True,
+        "On SIGTERM, close every sink (deliver or journal within close_timeout), then do what "
+        "the process did before. Off: the sink installs no signal handler.",
+    )
     restore_deleted_experiment: bool = _setting(
         False,
         "Restore the experiment when it was deleted in MLflow (else the sink reports it "

@@ -87,7 +87,8 @@ class MLflowSink:
         self._start_forwarder(replay_orphans=True)
         if not self._task_mode:  # a task-mode sink's life is its `async with` block
             _live_sinks.add(self)
-            _install_sigterm_handler()
+            if self.settings.handle_sigterm:
+                _install_sigterm_handler()
 
     def _start_forwarder(self, *, replay_orphans: bool) -> None:
         """Buffer, worker, and (with a spool) this process's own journal."""
@@ -418,13 +419,12 @@ def _close_all(sinks: list[MLflowSink], timeout: float | None) -> bool:
         reserve = min(LAST_ATTEMPT_S, 0.2 * (deadline - started))
         remaining = max(0.0, deadline - reserve - _time.monotonic())
         done = sink._wait(marker, remaining, "close") and done
-    for sink, _, first, deadline in closing:
-        if first:
-            assert sink._worker is not None
-            sink._worker.stop(deadline)  # a no-op when it already stopped
-    for sink, _, first, deadline in closing:
-        if not first:
-            continue
+    # Also when another close is under way (the SIGTERM handler interrupting a close() of
+    # this thread): the process may not live to see that one finish.
+    for sink, _, _, deadline in closing:
+        assert sink._worker is not None
+        sink._worker.stop(deadline)  # a no-op when it already stopped
+    for sink, _, _, deadline in closing:
         assert sink._worker is not None and sink._buffer is not None
         sink._worker.join(deadline)
         sink._buffer.close_overflow()

@@ -146,7 +146,7 @@ class Worker:
         self._abort = False
         self._stop_by = 0.0  # time.monotonic() by which an aborted worker must be done
         self._loops = 0  # event loops running this worker (a parked one has none)
-        self._state = threading.Lock()
+        self._state = threading.RLock()  # re-entrant: a signal handler may close meanwhile
         self._tg: TaskGroup | None = None
         self._thread: threading.Thread | None = None
         buffer.unpark = self._unpark
@@ -170,7 +170,7 @@ class Worker:
     def stop(self, deadline: float) -> None:
         """Cancel whatever is still in flight, make a last attempt to end the runs by
         ``deadline`` (time.monotonic()), and count the rest. Does not wait (see `join`)."""
-        self._stop_by = deadline
+        self._stop_by = min(deadline, self._stop_by) if self._abort else deadline
         self._abort = True
         self._buffer.wakeup.set()
 
