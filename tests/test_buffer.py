@@ -8,7 +8,7 @@ from conftest import capture_logs
 
 from rlm_mlflow._buffer import Buffer
 from rlm_mlflow._event import Marker, RunStart, Step
-from rlm_mlflow._spool import Overflow
+from rlm_mlflow._spill import Spill
 
 
 def event(i: int) -> Step:
@@ -98,7 +98,7 @@ def test_drop_oldest_keeps_the_newest_steps_but_never_drops_a_start_or_an_end() 
 
 
 def test_spill_keeps_every_event_in_order_across_memory_and_disk(tmp_path: Path) -> None:
-    overflow = Overflow(tmp_path / "overflow.log")
+    overflow = Spill(tmp_path / "overflow.log")
     buffer = Buffer(
         maxsize=3,
         wake_at=3,

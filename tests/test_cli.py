@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from rlm_mlflow._event import RunStart, Step
+from rlm_mlflow._journal import Journal, journal_meta
+from rlm_mlflow.testing import MlflowServer
+
 CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 
 
@@ -62,7 +66,8 @@ def test_status_prints_the_sinks_status_as_configured_by_the_environment() -> No
     done = subprocess.run(
         [CLI, "status", "--json"], env=env, capture_output=True, text=True, timeout=60, check=True
     )
-    assert json.loads(done.stdout) == {
+    status = json.loads(done.stdout)
+    assert {k: status[k] for k in ("name", "enabled", "available", "detail", "experiment")} == {
         "name": "mlflow",
         "enabled": False,
         "available": False,
@@ -134,3 +139,140 @@ def test_every_setting_is_a_flag_whose_help_names_its_variable_and_default() -> 
     ]:
         assert flag in text
         assert f"env {env}, default {default}" in text
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, float]]:
+    """Every file under ``root`` with its size and modification time."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def test_status_is_read_only_and_says_what_a_sink_would_find(
+    tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    spool = tmp_path / "spool"
+    journal = Journal(spool, 1 << 30, journal_meta("left-behind", None))
+    journal.append(
+        [RunStart("r", 1.0, "e", 1, {}, "k"), *(Step("r", i, 0.5, 0.5, 1.0) for i in range(7))]
+    )
+    journal.close(remove=False)  # its process is gone: it waits for a sync
+    experiment = f"never-created-{tmp_path.name}"
+    before = snapshot(tmp_path)
+    env = {
+        **os.environ,
+        "DSPY_RLM_MLFLOW_ENABLED": "true",
+        "MLFLOW_TRACKING_URI": mlflow_server.url,
+        "DSPY_RLM_MLFLOW_EXPERIMENT": experiment,
+        "DSPY_RLM_MLFLOW_SPOOL_DIR": str(spool),
+        "DSPY_RLM_MLFLOW_QUEUE_SIZE": "500",
+    }
+    done = subprocess.run(
+        [CLI, "status", "--json", "--batch-size", "10"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    status = json.loads(done.stdout)
+    assert status["available"] is True and status["mlflow"] == "importable"
+    assert status["store_reachable"] is True
+    assert status["settings"]["batch_size"] == {"value": 10, "source": "flag"}
+    assert status["settings"]["queue_size"] == {"value": 500, "source": "env"}
+    assert status["settings"]["put_timeout"] == {"value": 5.0, "source": "default"}
+    (waiting,) = status["journals"]
+    assert waiting["state"] == "waiting for sync" and waiting["events"] == 8
+    assert snapshot(tmp_path) == before  # nothing written: no journal, no file, no dead letter
+    assert MlflowClient(mlflow_server.url).get_experiment_by_name(experiment) is None
+
+    table = subprocess.run(
+        [CLI, "status"],
+        cwd=tmp_path,
+        env={**env, "MLFLOW_TRACKING_URI": "sqlite:///new.db"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    rows = dict(line.split(None, 1) for line in table.stdout.splitlines())
+    assert rows["store_reachable"] == "None" and "does not exist yet" in rows["store"]
+    assert not (tmp_path / "new.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "names"),
+    [
+        (["status"], {"DSPY_RLM_MLFLOW_WHEN_FULL": "sometimes"}, "DSPY_RLM_MLFLOW_WHEN_FULL"),
+        (["status", "--fsync", "often"], {}, "DSPY_RLM_MLFLOW_FSYNC"),
+        (["status", "--handle-sigterm", "maybe"], {}, "--handle-sigterm"),
+        (["run", "--task", "t", "--environment", "e", "--steps", "0"], {}, "--steps"),
+        (["run", "--task", "t", "--environment", "e"], {}, "--steps"),
+        (["sync"], {}, "spool_dir"),
+        (["sync", "/nonexistent/spool"], {}, "spool_dir"),
+        (["nonsense"], {}, "nonsense"),
+        (["--log-format", "xml", "status"], {}, "--log-format"),
+    ],
+)
+def test_every_bad_setting_or_argument_is_one_line_naming_it_and_exit_2(
+    tmp_path: Path, argv: list[str], env: dict[str, str], names: str
+) -> None:
+    done = subprocess.run(
+        [CLI, *argv],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("rlm-mlflow: ") and names in line and "Traceback" not in line
+
+
+def test_help_reads_well() -> None:
+    top = subprocess.run([CLI, "--help"], capture_output=True, text=True, timeout=60, check=True)
+    for command in ("run", "status", "sync", "instrument"):
+        assert f"`{command}`" in top.stdout  # the description names every command
+    run = subprocess.run(
+        [CLI, "run", "--help"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "(default: None)" not in run.stdout
+    assert "(default: 1)" in " ".join(run.stdout.split())  # --runs still shows its default
+
+
+def test_sync_writes_refusals_to_the_dead_letter_file_it_is_given(
+    tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    spool = tmp_path / "spool"
+    journal = Journal(spool, 1 << 30, journal_meta(f"dl-{tmp_path.name}", None))
+    start = RunStart("r", 1.0, "e", 1, {"p": "one"}, "k")
+    journal.append([start, Step("r", 0, 0.5, 0.5, 1.0)])
+    journal.close(remove=False)
+    client = MlflowClient(mlflow_server.url)
+    experiment_id = client.create_experiment(f"dl-{tmp_path.name}")
+    run = client.create_run(experiment_id, tags={"rlm_mlflow.run_key": "k"})
+    client.log_param(run.info.run_id, "p", "another")  # the replayed param will be refused
+    dead = tmp_path / "elsewhere" / "refused.jsonl"
+    done = subprocess.run(
+        [
+            CLI,
+            "sync",
+            str(spool),
+            "--tracking-uri",
+            mlflow_server.url,
+            "--dead-letter-file",
+            str(dead),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "dead-lettered 1" in done.stdout, done.stderr
+    (line,) = dead.read_text().splitlines()
+    assert json.loads(line)["call"] == "log_params"
+    assert not (spool / "dead-letter.jsonl").exists()

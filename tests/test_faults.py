@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._event import RunEnd, RunStart, Step
-from rlm_mlflow._spool import Journal, journal_meta
+from rlm_mlflow._journal import Journal, journal_meta
 from rlm_mlflow.testing import FaultProxy, MlflowServer, free_port
 
 CLI = str(Path(sys.executable).with_name("rlm-mlflow"))

@@ -23,9 +23,9 @@ from mlflow import MlflowClient
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._deadletter import DeadLetters
 from rlm_mlflow._event import RunStart, Step
+from rlm_mlflow._journal import Journal, journal_meta
+from rlm_mlflow._replay import sync
 from rlm_mlflow._settings import Settings
-from rlm_mlflow._spool import Journal, journal_meta
-from rlm_mlflow._sync import sync
 from rlm_mlflow.testing import free_port
 
 COUNTERS = ("delivered", "rejected", "dead_lettered", "failed", "spooled", "dropped")

@@ -6,8 +6,14 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from rlm_mlflow._event import RunEnd, RunStart, Step
-from rlm_mlflow._spool import Journal, orphans
+from rlm_mlflow._journal import Journal
+from rlm_mlflow._records import Problem, frame, parse
+from rlm_mlflow._replay import orphans
 
 
 def steps(first: int, n: int) -> list[Step]:
@@ -83,10 +89,127 @@ def test_spool_files_are_owner_only(tmp_path: Path) -> None:
 
 
 def test_segments_before_the_acknowledged_one_are_deleted(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr("rlm_mlflow._spool.SEGMENT_BYTES", 500)  # a segment a record
+    monkeypatch.setattr("rlm_mlflow._journal.SEGMENT_BYTES", 500)  # a segment a record
     journal = Journal(tmp_path, 1 << 30, {})
     positions = [journal.append(steps(i * 10, 10)) for i in range(10)]
     assert len(list(journal.dir.glob("*.seg"))) > 3
     journal.ack(positions[-1], [])
     assert [p.name for p in journal.dir.glob("*.seg")] == [f"{positions[-1][0]:08d}.seg"]
     journal.close(remove=True)
+
+
+# -- the record format: round trip and corruption (hypothesis) -------------------------------
+
+plain_text = st.text(max_size=20)
+scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | plain_text
+step_events = st.builds(
+    Step,
+    plain_text,
+    st.integers(0, 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.floats(allow_nan=False),
+    st.floats(0, 2e9),
+)
+start_events = st.builds(
+    RunStart,
+    plain_text,
+    st.floats(0, 2e9),
+    plain_text,
+    st.integers(0, 10**9),
+    st.dictionaries(plain_text, scalars, max_size=4),
+    plain_text,
+)
+end_events = st.builds(
+    RunEnd,
+    plain_text,
+    st.floats(0, 2e9),
+    st.booleans(),
+    st.integers(0, 10**6) | st.none(),
+    st.floats(allow_nan=False) | st.none(),
+    plain_text | st.none(),
+    st.sampled_from(["FINISHED", "KILLED"]),
+)
+records = st.lists(
+    st.lists(step_events | start_events | end_events, min_size=1, max_size=4),
+    min_size=1,
+    max_size=8,
+)
+
+
+def recovered(data: bytes) -> list[list]:  # type: ignore[type-arg]
+    return [item for _, item in parse(data) if not isinstance(item, Problem)]
+
+
+@given(records)
+def test_records_round_trip(batches: list[list]) -> None:  # type: ignore[type-arg]
+    data = b"".join(frame(batch) for batch in batches)
+    assert recovered(data) == batches
+
+
+@given(records, st.data())
+def test_corruption_costs_only_the_records_it_touches(
+    batches: list[list],
+    data: st.DataObject,  # type: ignore[type-arg]
+) -> None:
+    frames = [frame(batch) for batch in batches]
+    spans, at = [], 0
+    for f in frames:
+        spans.append((at, at + len(f)))
+        at += len(f)
+    blob = bytearray(b"".join(frames))
+    touched: set[int] = set()
+    kind = data.draw(st.sampled_from(["flip", "truncate", "garbage"]))
+    if kind == "flip":
+        original = bytes(blob)
+        for position in data.draw(st.lists(st.integers(0, len(blob) - 1), max_size=5)):
+            blob[position] ^= data.draw(st.integers(1, 255))
+        touched |= {i for i, (a, b) in enumerate(spans) if blob[a:b] != original[a:b]}
+    elif kind == "truncate":
+        cut = data.draw(st.integers(0, len(blob)))
+        del blob[cut:]
+        touched |= {i for i, (a, b) in enumerate(spans) if b > cut}
+    else:
+        position = data.draw(st.integers(0, len(blob)))
+        garbage = data.draw(st.binary(min_size=1, max_size=40))
+        blob[position:position] = garbage
+        touched |= {i for i, (a, b) in enumerate(spans) if a < position < b}
+    intact = [batch for i, batch in enumerate(batches) if i not in touched]
+    assert recovered(bytes(blob)) == intact  # every intact record once, in order; never raises
+
+
+@pytest.mark.parametrize(
+    "ack",
+    [
+        b"",
+        b"{",
+        b"garbage\x00\xff",
+        b'{"segment": -1, "offset": 0}',
+        b'{"segment": "x"}',
+        b"[1, 2]",
+        b'{"segment": 1, "offset": 10, "open_runs": [[1, 2]]}',
+    ],
+)
+def test_an_unreadable_ack_means_replay_everything_on_disk(tmp_path: Path, ack: bytes) -> None:
+    start = RunStart("r", 1.0, "env", 3, {}, "key1")
+    journal = write_journal(tmp_path, [[start, *steps(0, 2)], steps(2, 2)])
+    journal.close(remove=False)
+    (journal_dir,) = tmp_path.glob("journal-*")
+    (journal_dir / "ack.json").write_bytes(ack)
+    (orphan,) = orphans(tmp_path)
+    runs = orphan.open_runs()
+    assert all(isinstance(r, RunStart) for r in runs)
+    assert list(orphan.records()) == [[start, *steps(0, 2)], steps(2, 2)] or ack.startswith(
+        b'{"segment": 1, "offset": 10'
+    )
+    orphan.release(remove=True)
+
+
+def test_version_0_records_are_still_read(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    from rlm_mlflow._records import encode
+
+    payload = encode(steps(0, 3))
+    old = struct.pack(">4sII", b"RLMJ", len(payload), zlib.crc32(payload)) + payload
+    assert recovered(old + frame(steps(3, 1))) == [steps(0, 3), steps(3, 1)]

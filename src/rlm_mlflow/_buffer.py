@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from ._event import Event, Marker, RunEvent, Step
 from ._log import log
-from ._spool import Overflow
+from ._spill import Spill
 
 
 class Buffer:
@@ -30,7 +30,7 @@ class Buffer:
         wake_at: int,
         put_timeout: float,
         policy: str = "block",
-        overflow: Overflow | None = None,
+        overflow: Spill | None = None,
         overflow_max_bytes: int = 0,
     ) -> None:
         self._queue: deque[Event] = deque()

@@ -16,6 +16,9 @@ DEFAULT_EXPERIMENT = "rlm-code-rlm"
 #: The full-buffer policies (see `Settings.when_full`).
 WHEN_FULL = ("block", "drop_newest", "drop_oldest", "spill")
 
+#: The spool's durability levels (see `Settings.fsync`).
+FSYNC = ("never", "batch", "always")
+
 #: MLflow rejects a ``log_batch`` call with more than this many metrics.
 MLFLOW_MAX_METRICS_PER_BATCH = 1000
 
@@ -60,6 +63,12 @@ class Settings:
     spool_dir: str = _setting(
         "", "Directory of the write-ahead journal; empty: no journal (events live in memory)."
     )
+    fsync: str = _setting(
+        "batch",
+        "Durability of the spool: never (survives a crash of the process), batch (one fsync "
+        "per drain: survives a power cut but for the drain being written), always (also every "
+        "spilled event).",
+    )
     spool_max_bytes: int = _setting(
         1 << 30, "Size cap of this process's journal; past it the when_full policy applies."
     )
@@ -97,6 +106,11 @@ class Settings:
             raise ValueError(
                 f"when_full (env {env_name('when_full')}) must be one of "
                 f"{', '.join(WHEN_FULL)}, got {self.when_full!r}"
+            )
+        if self.fsync not in FSYNC:
+            raise ValueError(
+                f"fsync (env {env_name('fsync')}) must be one of {', '.join(FSYNC)}, "
+                f"got {self.fsync!r}"
             )
         if self.when_full == "spill" and not self.spool_dir:
             raise ValueError(

@@ -27,11 +27,12 @@ from ._batcher import show, steps_per_batch
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
 from ._event import Marker, RunEnd, RunStart, Step
+from ._journal import SPILL_FILE, Journal, journal_meta
 from ._log import log
 from ._redact import redact_text, redact_uri
+from ._replay import SyncSummary, sync
 from ._settings import DEFAULT_EXPERIMENT, Settings, parse_bool
-from ._spool import OVERFLOW_FILE, Journal, Overflow, journal_meta
-from ._sync import SyncSummary, sync
+from ._spill import Spill
 from ._worker import LAST_ATTEMPT_S, Worker
 
 
@@ -95,19 +96,27 @@ class MLflowSink:
         s = self.settings
         journal = None
         if s.spool_dir:
-            journal = Journal(
-                Path(s.spool_dir),
-                s.spool_max_bytes,
-                journal_meta(self.experiment, self.tracking_uri),
-            )
-            if replay_orphans:
-                self._replayer = threading.Thread(
-                    target=self._replay_orphans, name="rlm-mlflow-sync", daemon=True
+            try:
+                journal = Journal(
+                    Path(s.spool_dir),
+                    s.spool_max_bytes,
+                    journal_meta(self.experiment, self.tracking_uri),
+                    s.fsync,
                 )
-                self._replayer.start()
+            except OSError as exc:  # refuse this one setting; everything else works
+                log.error(
+                    "spool_dir refused: the sink runs without a spool",
+                    spool_dir=s.spool_dir,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+        if journal is not None and replay_orphans:
+            self._replayer = threading.Thread(
+                target=self._replay_orphans, name="rlm-mlflow-sync", daemon=True
+            )
+            self._replayer.start()
         overflow = None
         if journal is not None and s.when_full == "spill":
-            overflow = Overflow(journal.dir / OVERFLOW_FILE)
+            overflow = Spill(journal.dir / SPILL_FILE, durable=s.fsync == "always")
         self._buffer = Buffer(
             s.queue_size,
             steps_per_batch(s.batch_size),

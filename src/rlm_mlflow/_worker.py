@@ -35,10 +35,11 @@ from ._buffer import Buffer
 from ._deadletter import DeadLetters
 from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
 from ._exporter import Connection, ExperimentDeleted, is_transient
+from ._journal import Journal
 from ._log import log
+from ._records import Position
 from ._redact import redact_text, redact_uri
 from ._settings import Settings
-from ._spool import Journal, Position
 
 U = TypeVar("U")
 

@@ -1,32 +1,37 @@
-"""`rlm-mlflow`: a synthetic RLM benchmark loop that reports through the sink, and `status`."""
+"""rlm-mlflow: forward RLM benchmark runs to MLflow.
+
+Commands: `run` (a synthetic RLM benchmark loop that reports to MLflow), `status` (what a
+sink would use and find, read-only), `sync` (deliver what dead or offline processes left in a
+spool directory), `instrument` (run a command with this forwarder in rlm-code's MLflow slot).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
-import random
 import shutil
+import socket
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ._deadletter import DeadLetters
 from ._exporter import is_http
 from ._log import RECORD_KEY, stdlib_logger
 from ._redact import redact_uri
+from ._replay import waiting_journals
 from ._settings import DEFAULT_EXPERIMENT, PARSERS, Settings, env_name, parse_bool
-from ._sink import MLflowSink
-from ._sync import sync
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KNOWN_SCHEMES = frozenset(
@@ -39,34 +44,54 @@ EXIT_NOT_FOUND = 127  # what a shell answers for a command it cannot run
 BOOTSTRAP = Path(__file__).parent / "_bootstrap"
 
 
-@dataclass(frozen=True)
-class Result:
-    """What rlm-code's runner hands to ``on_run_end``."""
+class CliError(Exception):
+    """A one-line message for the user, and the exit code."""
 
-    completed: bool
-    steps: int
-    total_reward: float
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-@dataclass(frozen=True)
-class Plan:
-    task: str
-    environment: str
-    steps: int
-    depth: int
-    seed: int
-    run_dir: Path
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (naming the flag), exit 2, as every other error here."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"rlm-mlflow: {message} (see {self.prog} --help)\n")
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except where there is none to show (required options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default in (None, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(raw: str) -> int:
+        value = int(raw)
+        if value < minimum:
+            raise ValueError(raw)
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
 
 
 class Progress:
-    """One status line on stderr: steps done, steps/s, and the sink's queue depth."""
+    """One status line on stderr: steps done, steps/s, and the sink's queue depth. It starts
+    drawing once the sink has connected (so the "connected" line comes first)."""
 
-    def __init__(self, total: int, sink: MLflowSink) -> None:
+    def __init__(self, total: int, sink: Any) -> None:
         self.total, self.sink, self.done = total, sink, 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._start = time.perf_counter()
         self._tty = sys.stderr.isatty()
+        self._drawn = False
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> Progress:
@@ -82,7 +107,15 @@ class Progress:
         with self._lock:
             self.done += 1
 
+    def _connected(self) -> bool:
+        status = self.sink.status()
+        return status.get("tracking_uri") is not None or not status.get("available")
+
     def _loop(self) -> None:
+        deadline = time.monotonic() + 30
+        while not self._stop.wait(0.05) and not self._connected():
+            if time.monotonic() > deadline:
+                break
         while not self._stop.wait(0.2 if self._tty else 5.0):
             self._draw()
 
@@ -99,66 +132,6 @@ class Progress:
         sys.stderr.flush()
 
 
-def run_rlm(
-    sink: MLflowSink,
-    plan: Plan,
-    run_id: str,
-    path: str,
-    depth: int,
-    parent: str | None,
-    progress: Progress,
-) -> None:
-    """One RLM run: deterministic rewards from (seed, position in the tree); at half-time a
-    non-leaf run spawns two child runs in parallel threads and waits for them."""
-    steps = plan.steps if depth == 0 else max(plan.steps >> depth, 1)
-    params: dict[str, Any] = {
-        "max_steps": steps,
-        "model": "synthetic",
-        "seed": plan.seed,
-        "depth": depth,
-        "parent_run_id": parent,
-    }
-    sink.on_run_start(run_id, task=plan.task, environment=plan.environment, params=params)
-    rng = random.Random(f"{plan.seed}:{path}")
-    trajectory = plan.run_dir / f"{run_id}.jsonl"
-    cumulative = 0.0
-    with trajectory.open("w", encoding="utf-8") as out:
-        for step in range(steps):
-            if step == steps // 2 and depth < plan.depth:
-                children = [
-                    threading.Thread(
-                        target=run_rlm,
-                        args=(
-                            sink,
-                            plan,
-                            f"{run_id}.{i}",
-                            f"{path}.{i}",
-                            depth + 1,
-                            run_id,
-                            progress,
-                        ),
-                    )
-                    for i in range(2)
-                ]
-                for child in children:
-                    child.start()
-                for child in children:
-                    child.join()
-            # A learning curve with noise: the reward drifts from ~0.2 up to ~0.8.
-            reward = round(min(1.0, max(0.0, 0.2 + 0.6 * step / steps + rng.gauss(0, 0.1))), 4)
-            cumulative += reward
-            event = {
-                "step": step,
-                "action": {"type": "code", "chars": rng.randint(20, 400)},
-                "observation": {"success": reward > 0.5},
-                "reward": reward,
-            }
-            out.write(json.dumps(event) + "\n")
-            sink.on_step(run_id, event=event, cumulative_reward=cumulative)
-            progress.advance()
-    sink.on_run_end(run_id, result=Result(True, steps, cumulative), run_path=trajectory)
-
-
 def mlflow_command() -> str:
     """``mlflow`` when it is on PATH, else the one installed beside this Python (a venv)."""
     beside = Path(sys.executable).with_name("mlflow")
@@ -167,27 +140,19 @@ def mlflow_command() -> str:
     return "mlflow"
 
 
-def total_steps(steps: int, max_depth: int) -> int:
-    return sum((2**d) * max(steps >> d, 1) for d in range(max_depth + 1))
-
-
-class CliError(Exception):
-    """A one-line message for the user, and the exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def settings_from(args: argparse.Namespace, **fixed: Any) -> Settings:
-    """Defaults, then DSPY_RLM_MLFLOW_* variables, then the flags given."""
-    given = {
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags."""
+    return {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(Settings)
         if getattr(args, f.name, None) is not None
     }
+
+
+def settings_from(args: argparse.Namespace, **fixed: Any) -> Settings:
+    """Defaults, then DSPY_RLM_MLFLOW_* variables, then the flags given."""
     try:
-        return Settings.from_env(**{**given, **fixed})
+        return Settings.from_env(**{**given_settings(args), **fixed})
     except ValueError as exc:
         raise CliError(f"bad setting: {exc}") from None
 
@@ -203,42 +168,72 @@ def resolve_uri(args: argparse.Namespace) -> str:
     return uri
 
 
+def probe(uri: str) -> tuple[bool | None, str]:
+    """Whether the tracking store can be reached, by one cheap look that changes nothing:
+    a server's /health, a database's port, a SQLite file's presence."""
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.split("+", 1)[0]
+    if is_http(uri):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+                return True, "the server answers /health"
+        except (urllib.error.URLError, OSError) as exc:
+            return False, f"no answer: {getattr(exc, 'reason', exc)}"
+    if scheme == "sqlite":
+        path = Path(urllib.parse.unquote(uri.removeprefix("sqlite:///")))
+        if path.is_file():
+            return True, f"{path} exists"
+        return None, f"{path} does not exist yet (MLflow creates it on first use)"
+    if scheme in {"postgresql", "mysql", "mssql"} and parts.hostname:
+        default_port = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}[scheme]
+        try:
+            with socket.create_connection((parts.hostname, parts.port or default_port), 5):
+                return True, f"{parts.hostname}:{parts.port or default_port} accepts connections"
+        except OSError as exc:
+            return False, f"{parts.hostname}:{parts.port or default_port}: {exc}"
+    return None, "not checked for this kind of store"
+
+
 def preflight(uri: str, spooled: bool) -> None:
     """Fail fast, in one line, when a tracking server is not there (unless journalling)."""
     if not is_http(uri) or spooled:
         return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
-            return
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    reachable, detail = probe(uri)
+    if not reachable:
         raise CliError(
-            f"cannot reach the tracking server at {redact_uri(uri)} ({reason}); "
+            f"cannot reach the tracking server at {redact_uri(uri)} ({detail}); "
             "start it, or pass --spool-dir to journal offline and sync later",
             EXIT_UNREACHABLE,
-        ) from None
+        )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ._sink import MLflowSink
+    from ._workload import Plan, run_rlm, total_steps
+
     tracking_uri = resolve_uri(args)
     settings = settings_from(args)
     preflight(tracking_uri, bool(settings.spool_dir))
+    plan = Plan(args.task, args.environment, args.steps, args.depth, args.seed, Path(args.run_dir))
+    try:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"--run-dir {plan.run_dir}: {exc.strerror or exc}") from None
     sink = MLflowSink(
         True, experiment=args.experiment, tracking_uri=tracking_uri, settings=settings
     )
-    plan = Plan(args.task, args.environment, args.steps, args.depth, args.seed, Path(args.run_dir))
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    batch = f"rlm-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    # Short and distinct at the front: the UI's Run Name column shows about 15 characters.
+    batch = f"{args.environment[:8]}-{uuid.uuid4().hex[:4]}"
     total = args.runs * total_steps(args.steps, args.depth)
     print(
         f"{args.runs} run(s) of {args.steps} steps, depth {args.depth}: {total} steps "
-        f"-> {tracking_uri} (experiment {args.experiment})",
+        f"-> {redact_uri(tracking_uri)} (experiment {args.experiment})",
         file=sys.stderr,
     )
     started = time.perf_counter()
     with Progress(total, sink) as progress:
         for k in range(args.runs):
-            run_rlm(sink, plan, f"{batch}-{k}", str(k), 0, None, progress)
+            run_rlm(sink, plan, f"{batch}-{k}", str(k), 0, None, progress.advance)
     looped = time.perf_counter() - started
     flushed = sink.flush(timeout=args.flush_timeout)
     flush_s = time.perf_counter() - started - looped
@@ -253,10 +248,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"runs: {batch}-0 .. {batch}-{args.runs - 1} in experiment '{args.experiment}'")
     print(f"trajectories: {plan.run_dir.resolve()}")
     if is_http(tracking_uri):
-        print(f"open: {tracking_uri}")
+        print(f"open: {redact_uri(tracking_uri)}")
     else:
         print(
-            f"open: {mlflow_command()} ui --backend-store-uri {tracking_uri}   "
+            f"open: {mlflow_command()} ui --backend-store-uri {redact_uri(tracking_uri)}   "
             "(then http://127.0.0.1:5000)"
         )
     ok = flushed and not (status.get("failed") or status.get("dropped") or status.get("rejected"))
@@ -264,26 +259,81 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    sink = MLflowSink.from_env()
-    status = sink.status()
-    sink.close(timeout=1.0)
+    """What a sink configured like this would use and find. Read-only: imports no mlflow,
+    creates no experiment, no file and no journal, replays nothing."""
+    settings = settings_from(args)
+    flags = given_settings(args)
+    enabled = parse_bool(os.environ.get("DSPY_RLM_MLFLOW_ENABLED"))
+    experiment = os.environ.get("DSPY_RLM_MLFLOW_EXPERIMENT") or DEFAULT_EXPERIMENT
+    configured = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    importable = importlib.util.find_spec("mlflow") is not None
+    if not enabled:
+        detail = "disabled"
+    elif not importable:
+        detail = "unavailable: No module named 'mlflow'"
+    else:
+        detail = redact_uri(configured) or "default-tracking-uri"
+    uri = resolve_uri(args)
+    reachable, store_detail = probe(uri)
+    status: dict[str, Any] = {
+        "name": "mlflow",
+        "enabled": enabled,
+        "available": enabled and importable,
+        "detail": detail,
+        "experiment": experiment,
+        "tracking_uri": redact_uri(uri),
+        "mlflow": "importable" if importable else "not installed",
+        "store_reachable": reachable,
+        "store": store_detail,
+        "settings": {
+            f.name: {
+                "value": getattr(settings, f.name),
+                "source": "flag"
+                if f.name in flags
+                else "env"
+                if env_name(f.name) in os.environ
+                else "default",
+            }
+            for f in dataclasses.fields(Settings)
+        },
+        "journals": [
+            {**journal, "dir": str(journal["dir"])}
+            for journal in waiting_journals(Path(settings.spool_dir))
+        ]
+        if settings.spool_dir
+        else [],
+    }
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(status, indent=2, default=str))
         return 0
     width = max(len(key) for key in status)
     for key, value in status.items():
-        print(f"{key:<{width}}  {value}")
+        if key == "settings":
+            for name, setting in value.items():
+                shown = setting["value"] if setting["value"] != "" else "''"
+                print(f"{name:<{width}}  {shown} ({setting['source']})")
+        elif key == "journals":
+            for journal in value:
+                print(
+                    f"{'journal':<{width}}  {journal['dir']}: {journal['state']}, "
+                    f"{journal['events']} events, {journal['bytes']} bytes, "
+                    f"since {journal['since']}"
+                )
+        else:
+            print(f"{key:<{width}}  {value}")
     return 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
+    from ._replay import sync
+
     spool = Path(args.spool_dir)
     if not spool.is_dir():
-        print(f"rlm-mlflow sync: {spool} is not a directory", file=sys.stderr)
-        return 2
+        raise CliError(f"{spool} is not a directory (the spool_dir argument)")
     tracking_uri = resolve_uri(args)
-    preflight(tracking_uri, spooled=False)
     settings = settings_from(args, spool_dir=str(spool))
+    preflight(tracking_uri, spooled=False)
+    dead_letters = Path(settings.dead_letter_file or spool / "dead-letter.jsonl")
     replayed = 0
     started = time.perf_counter()
 
@@ -294,9 +344,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         end = "" if sys.stderr.isatty() else "\n"
         sys.stderr.write(f"\rreplayed {replayed} events ({rate:,.0f}/s){end}")
 
-    summary = sync(
-        spool, tracking_uri, settings, DeadLetters(spool / "dead-letter.jsonl"), progress=progress
-    )
+    summary = sync(spool, tracking_uri, settings, DeadLetters(dead_letters), progress=progress)
     if replayed:
         sys.stderr.write("\n")
     print(
@@ -306,6 +354,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         f"dead-lettered {summary.dead_lettered}, failed {summary.failed}, "
         f"corrupt records skipped {summary.corrupt_records}, journals kept {summary.kept}"
     )
+    if summary.dead_lettered:
+        print(f"dead letters: {dead_letters}")
     return 0 if summary.kept == 0 else 1
 
 
@@ -365,36 +415,58 @@ def log_to_stderr(log_format: str) -> None:
     stdlib_logger.propagate = False
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlm-mlflow", description=__doc__)
+def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--log-format",
-        choices=("text", "json"),
-        default="text",
-        help="how log lines look on stderr (default: text)",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser(
-        "run",
-        help="run a synthetic RLM benchmark loop that reports to MLflow",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    run.add_argument("--task", required=True, help="the task text (its length is logged)")
-    run.add_argument("--environment", required=True, help="the RLM environment name")
-    run.add_argument("--steps", type=int, required=True, help="steps per root run")
-    run.add_argument("--runs", type=int, default=1, help="root runs, one after the other")
-    run.add_argument(
-        "--depth",
-        type=int,
-        default=0,
-        help="recursion depth: each level spawns two child runs at half-time",
-    )
-    run.add_argument("--seed", type=int, default=0, help="seed of the reward generator")
-    run.add_argument(
         "--tracking-uri",
         default=None,
         help=f"MLflow tracking URI (env MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
     )
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """Every setting as a flag; its help names the variable and the default."""
+    group = parser.add_argument_group("sink settings (a flag wins over its variable)")
+    for f in dataclasses.fields(Settings):
+        if f.name in skip:
+            continue
+        help_text = f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})"
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            type=PARSERS[str(f.type)],
+            default=argparse.SUPPRESS,
+            help=help_text.replace("%", "%%"),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="rlm-mlflow", description=__doc__, formatter_class=Help)
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="how log lines look on stderr",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run a synthetic RLM benchmark loop that reports to MLflow",
+        description="A deterministic synthetic RLM loop (recursive runs, a learning curve, "
+        "one trajectory JSONL per run) reporting through the sink.",
+        formatter_class=Help,
+    )
+    run.add_argument("--task", required=True, help="the task text (its length is logged)")
+    run.add_argument("--environment", required=True, help="the RLM environment name")
+    run.add_argument("--steps", type=_count(1), required=True, help="steps per root run")
+    run.add_argument("--runs", type=_count(1), default=1, help="root runs, one after the other")
+    run.add_argument(
+        "--depth",
+        type=_count(0),
+        default=0,
+        help="recursion depth: each level spawns two child runs at half-time",
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed of the reward generator")
+    add_tracking_uri(run)
     run.add_argument(
         "--experiment",
         default=os.environ.get("DSPY_RLM_MLFLOW_EXPERIMENT") or DEFAULT_EXPERIMENT,
@@ -406,20 +478,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_setting_flags(run)
     run.set_defaults(func=cmd_run)
-    status = sub.add_parser("status", help="print the sink's status() as configured by the env")
+    status = sub.add_parser(
+        "status",
+        help="what a sink configured by the environment would use and find (read-only)",
+        description="The sink's status() keys as the environment configures it, the "
+        "settings in effect and where each comes from, whether mlflow is importable and the "
+        "tracking store reachable, and the journals waiting for sync. Changes nothing.",
+        formatter_class=Help,
+    )
     status.add_argument("--json", action="store_true", help="JSON instead of a table")
+    add_tracking_uri(status)
+    add_setting_flags(status)
     status.set_defaults(func=cmd_status)
     sync_ = sub.add_parser(
         "sync",
         help="deliver what dead or offline processes left in a spool directory",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=Help,
     )
     sync_.add_argument("spool_dir", help="the spool directory (DSPY_RLM_MLFLOW_SPOOL_DIR)")
-    sync_.add_argument(
-        "--tracking-uri",
-        default=None,
-        help=f"MLflow tracking URI (env MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
-    )
+    add_tracking_uri(sync_)
     add_setting_flags(sync_, skip=("spool_dir", "when_full", "spool_max_bytes"))
     sync_.set_defaults(func=cmd_sync)
     instrument = sub.add_parser(
@@ -435,26 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_setting_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
-    """Every setting as a flag; its help names the variable and the default."""
-    group = parser.add_argument_group("sink settings (a flag wins over its variable)")
-    for f in dataclasses.fields(Settings):
-        if f.name in skip:
-            continue
-        kind = PARSERS[str(f.type)]
-        help_text = f"{f.metadata['help']} (env {env_name(f.name)}, default {f.default!r})"
-        group.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            dest=f.name,
-            type=kind,
-            default=argparse.SUPPRESS,
-            help=help_text.replace("%", "%%"),
-        )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done, 1 done but something was not delivered, 2 bad usage or setting,
-    3 tracking server unreachable."""
+    3 tracking server unreachable, 127 instrument's command not found."""
     args = build_parser().parse_args(argv)
     log_to_stderr(args.log_format)
     try:
