@@ -31,11 +31,11 @@ from typing import Any
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the scripted connector of the tests
 
-import rlm_mlflow  # noqa: E402
 from rlm_code.rlm.observability import RLMObservability  # noqa: E402
-from scripted_rlm import run_scripted  # noqa: E402
+from support.scripted_rlm import run_scripted  # noqa: E402
+from support.servers import MlflowServer, free_port  # noqa: E402
 
-from rlm_mlflow.testing import MlflowServer, free_port  # noqa: E402
+import rlm_mlflow  # noqa: E402
 
 SETUPS = ("no-mlflow", "ours-unreachable", "ours-server", "rlm-code-server")
 

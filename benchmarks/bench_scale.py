@@ -19,7 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from rlm_mlflow.testing import MlflowServer, scratch_postgres_database
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the test rig: real servers
+from support.servers import MlflowServer, scratch_postgres_database
 
 HERE = Path(__file__).parent
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
+from support.servers import MlflowServer
 
 from rlm_mlflow._log import RECORD_KEY, stdlib_logger
-from rlm_mlflow.testing import MlflowServer
 
 
 @contextlib.contextmanager

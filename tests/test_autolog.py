@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import Readback
-from scripted_rlm import CHILD_STEPS, ROOT_STEPS, RUN_COUNT, ScriptedConnector, run_scripted
+from support.scripted_rlm import CHILD_STEPS, ROOT_STEPS, RUN_COUNT, ScriptedConnector, run_scripted
 
 import rlm_mlflow
 from rlm_mlflow import MLflowSink
@@ -210,7 +210,7 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
-from scripted_rlm import run_scripted
+from support.scripted_rlm import run_scripted
 result = run_scripted(Path(sys.argv[1]))
 print("RESULT", json.dumps({{"run_id": result.run_id, "steps": result.steps}}))
 """

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.servers import MlflowServer, scratch_postgres_database
 
 from rlm_mlflow import MLflowSink
-from rlm_mlflow.testing import MlflowServer, scratch_postgres_database
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from support.servers import MlflowServer
 
 from rlm_mlflow._event import RunStart, Step
 from rlm_mlflow._journal import Journal, journal_meta
-from rlm_mlflow.testing import MlflowServer
 
 CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 

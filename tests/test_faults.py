@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 from conftest import Readback
 from mlflow import MlflowClient
+from support.servers import FaultProxy, MlflowServer, free_port
 
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._event import RunEnd, RunStart, Step
 from rlm_mlflow._journal import Journal, journal_meta
-from rlm_mlflow.testing import FaultProxy, MlflowServer, free_port
 
 CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 

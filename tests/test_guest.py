@@ -14,8 +14,7 @@ import time
 from typing import Any
 
 import pytest
-
-from rlm_mlflow.testing import MlflowServer, free_port
+from support.servers import MlflowServer, free_port
 
 
 def python(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> Any:

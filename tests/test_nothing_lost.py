@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from conftest import Readback, capture_logs
 from mlflow import MlflowClient
+from support.servers import free_port
 
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._deadletter import DeadLetters
@@ -26,7 +27,6 @@ from rlm_mlflow._event import RunStart, Step
 from rlm_mlflow._journal import Journal, journal_meta
 from rlm_mlflow._replay import sync
 from rlm_mlflow._settings import Settings
-from rlm_mlflow.testing import free_port
 
 COUNTERS = ("delivered", "rejected", "dead_lettered", "failed", "spooled", "dropped")
 

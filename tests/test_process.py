@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 from conftest import Readback
+from support.servers import MlflowServer
 
 from rlm_mlflow import MLflowSink
-from rlm_mlflow.testing import MlflowServer
 
 
 def run_python(code: str, *, env_path: Path | None = None, timeout: float = 60) -> Any:
@@ -201,3 +201,53 @@ def test_a_forked_child_starts_clean_and_neither_process_sends_the_others_events
     assert [m.step for m in readback.history(runs["parent"], "step_reward")] == list(range(100))
     assert [m.step for m in readback.history(runs["child"], "step_reward")] == list(range(50))
     assert {r.info.status for r in runs.values()} == {"FINISHED"}
+
+
+PORTABLE = """
+import os, sys, json, logging
+logging.basicConfig(level=logging.ERROR, format="%(message)s")
+sys.modules["fcntl"] = None  # what Windows lacks: hidden, as if we were there
+for name in ("fork", "register_at_fork", "pwrite", "pread", "fchmod", "O_CLOEXEC"):
+    delattr(os, name)
+from rlm_mlflow import MLflowSink
+from rlm_mlflow._spill import Spill
+spill = Spill(__import__("pathlib").Path({spill!r}))
+from rlm_mlflow._event import Step
+for i in range(3):
+    spill.push(Step("r", i, 0.5, 0.5, 1.0))
+popped = [e.step for e in spill.pop(10)]
+statuses = []
+for spool in ({spool!r}, ""):
+    sink = MLflowSink(True, experiment={experiment!r}, tracking_uri={uri!r}, spool_dir=spool)
+    run_id = "with-spool" if spool else "without"
+    sink.on_run_start(run_id, task="t", environment="e", params={{}})
+    for i in range(5):
+        sink.on_step(run_id, event={{"step": i, "reward": 1.0}}, cumulative_reward=float(i))
+    sink.on_run_end(run_id, result={{"completed": True}}, run_path=None)
+    assert sink.close(timeout=60)
+    statuses.append(sink.status()["delivered"])
+print("RESULT", json.dumps({{"popped": popped, "delivered": statuses}}))
+"""
+
+
+def test_the_sink_imports_and_works_without_the_posix_only_names(
+    tmp_path: Path, embedded_uri: str, experiment: str
+) -> None:
+    code = PORTABLE.format(
+        spill=str(tmp_path / "spill.log"),
+        spool=str(tmp_path / "spool"),
+        experiment=experiment,
+        uri=embedded_uri,
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result == {"popped": [0, 1, 2], "delivered": [7, 7]}
+    # the one piece that cannot work there is refused, in one clear line; the rest works
+    assert "spool_dir refused: the sink runs without a spool" in done.stderr
+    assert "no file locking" in done.stderr
+    runs = Readback(embedded_uri, experiment).runs()
+    assert sorted(runs) == ["with-spool", "without"]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 from conftest import Readback, capture_logs
+from support.servers import FaultProxy, MlflowServer
 
 from rlm_mlflow import MLflowSink
-from rlm_mlflow.testing import FaultProxy, MlflowServer
 
 PASSWORD = "pa55-w0rd-SECRET"
 TOKEN = "t0ken-SECRET-abcdef"

@@ -213,3 +213,71 @@ def test_version_0_records_are_still_read(tmp_path: Path) -> None:
     payload = encode(steps(0, 3))
     old = struct.pack(">4sII", b"RLMJ", len(payload), zlib.crc32(payload)) + payload
     assert recovered(old + frame(steps(3, 1))) == [steps(0, 3), steps(3, 1)]
+
+
+@pytest.mark.parametrize("level", ["never", "batch", "always"])
+def test_each_fsync_level_syncs_what_the_docs_say(
+    tmp_path: Path, level: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rlm_mlflow._journal
+    from rlm_mlflow._journal import SPILL_FILE, fsync_dir
+    from rlm_mlflow._spill import Spill
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert fsync_dir is rlm_mlflow._journal.fsync_dir
+    journal = Journal(tmp_path, 1 << 30, {}, level)
+    created = list(synced)
+    synced.clear()
+    position = journal.append(steps(0, 3))
+    appended = list(synced)
+    synced.clear()
+    journal.ack(position, [])
+    acked = list(synced)
+    synced.clear()
+    spill = Spill(journal.dir / SPILL_FILE, durable=level == "always")
+    spill.push(steps(3, 1)[0])
+    spilled = list(synced)
+    journal.close(remove=True)
+    if level == "never":
+        assert created == appended == acked == spilled == []
+        return
+    assert str(tmp_path) in created and str(journal.dir) in created  # directory entries
+    assert [Path(p).name for p in appended] == ["00000001.seg"]  # one fsync per drain
+    assert str(journal.dir / "ack.tmp") in acked  # the new ack, before its rename
+    assert str(journal.dir) in acked  # the rename of ack.json
+    assert [Path(p).name for p in spilled] == (["spill.log"] if level == "always" else [])
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from rlm_mlflow._event import Step
+from rlm_mlflow._journal import Journal
+journal = Journal(Path({spool!r}), 1 << 30, {{"experiment": "e"}}, "never")
+for i in range(50):
+    journal.append([Step("r", i, 0.5, 0.5, 1.0)])
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_with_fsync_never_a_killed_process_loses_nothing_it_journalled(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER.format(spool=str(tmp_path))],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == -9
+    (orphan,) = orphans(tmp_path)
+    assert [r[0].step for r in orphan.records()] == list(range(50)) and orphan.corrupt == 0
+    orphan.release(remove=True)

@@ -19,8 +19,9 @@ def owner_only_dir(path: Path) -> None:
 
 def open_owner_only(path: Path, flags: int) -> int:
     """``os.open`` with mode 0600, whatever the umask."""
-    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)
+    fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o600)
+    if hasattr(os, "fchmod"):  # POSIX; Windows has no such modes
+        os.fchmod(fd, 0o600)
     return fd
 
 

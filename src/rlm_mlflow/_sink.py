@@ -453,7 +453,8 @@ def _restart_live_sinks_in_child() -> None:
         sink._restart_in_child()
 
 
-os.register_at_fork(after_in_child=_restart_live_sinks_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX: Windows does not fork
+    os.register_at_fork(after_in_child=_restart_live_sinks_in_child)
 
 _previous_sigterm: Any = None
 _sigterm_installed = False

@@ -1,4 +1,5 @@
-"""Real parts for tests and benchmarks: an `mlflow server` and a fault-injecting proxy.
+"""Real parts for tests and benchmarks: an `mlflow server`, a fault-injecting proxy, and a
+scratch PostgreSQL database (this machine's, 127.0.0.1:5432, trust auth, database `test`).
 
 The server starts on 127.0.0.1 in its own process group with the job runner off (it would
 keep both cores busy for half a minute and can outlive a SIGTERM of the server); `stop` ends

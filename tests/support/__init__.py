@@ -1,0 +1,1 @@
+"""Real parts the tests and benchmarks share: servers, a fault proxy, a scripted rlm-code."""
