@@ -346,13 +346,13 @@ class Worker:
                     )
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 10.0)
-            self.resolved_uri = redact_uri(self._adapter.tracking_uri)
             log.info(
                 "connected",
-                tracking_uri=self.resolved_uri,
+                tracking_uri=redact_uri(self._adapter.tracking_uri),
                 experiment=self._experiment,
                 experiment_id=self._adapter.experiment_id,
             )
+            self.resolved_uri = redact_uri(self._adapter.tracking_uri)  # after: see cli.Progress
         finally:
             self._connected_event.set()
 

@@ -91,7 +91,7 @@ class Progress:
         self._stop = threading.Event()
         self._start = time.perf_counter()
         self._tty = sys.stderr.isatty()
-        self._drawn = False
+        self._ended: float | None = None
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def __enter__(self) -> Progress:
@@ -99,8 +99,10 @@ class Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._ended = time.perf_counter()  # the rate is the loop's, not the wait's below
         self._stop.set()
         self._thread.join()
+        self._wait_connected(time.monotonic() + 30)  # a fast loop ends before it connects
         self._draw(final=True)
 
     def advance(self) -> None:
@@ -111,6 +113,10 @@ class Progress:
         status = self.sink.status()
         return status.get("tracking_uri") is not None or not status.get("available")
 
+    def _wait_connected(self, deadline: float) -> None:
+        while not self._connected() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def _loop(self) -> None:
         deadline = time.monotonic() + 30
         while not self._stop.wait(0.05) and not self._connected():
@@ -120,7 +126,7 @@ class Progress:
             self._draw()
 
     def _draw(self, final: bool = False) -> None:
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        elapsed = max((self._ended or time.perf_counter()) - self._start, 1e-9)
         width = 30
         filled = int(width * self.done / max(self.total, 1))
         line = (
@@ -234,7 +240,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     with Progress(total, sink) as progress:
         for k in range(args.runs):
             run_rlm(sink, plan, f"{batch}-{k}", str(k), 0, None, progress.advance)
-    looped = time.perf_counter() - started
+        looped = time.perf_counter() - started
     flushed = sink.flush(timeout=args.flush_timeout)
     flush_s = time.perf_counter() - started - looped
     sink.close()
