@@ -276,3 +276,20 @@ def test_sync_writes_refusals_to_the_dead_letter_file_it_is_given(
     (line,) = dead.read_text().splitlines()
     assert json.loads(line)["call"] == "log_params"
     assert not (spool / "dead-letter.jsonl").exists()
+
+
+def test_log_lines_can_be_json(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [CLI, "--log-format", "json", "run", "--task", "t", "--environment", "e", "--steps", "5"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    ours = [json.loads(x) for x in done.stderr.splitlines() if x.startswith('{"time"')]
+    (connected,) = [x for x in ours if x["event"] == "connected"]
+    assert connected["level"] == "info" and connected["experiment"] == "rlm-code-rlm"
