@@ -22,15 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._batcher import steps_per_batch
-from ._buffer import Buffer
 from ._deadletter import DeadLetters
-from ._event import Marker, RunEvent, RunStart, Step
+from ._event import RunEvent, RunStart, Step
+from ._forwarder import Forwarder, close_all
 from ._journal import SPILL_FILE, lock
 from ._log import log
 from ._records import Position, Problem, parse
 from ._settings import DEFAULT_EXPERIMENT, Settings
-from ._worker import LAST_ATTEMPT_S, Worker
 
 #: What the spill file was called before version 1 of the record format.
 LEGACY_SPILL_FILE = "overflow.log"
@@ -238,19 +236,19 @@ def _replay(
         "replaying journal", journal=str(orphan.dir), experiment=experiment, bytes=summary.bytes
     )
     # Nothing is dropped while replaying: the hooks here are ours and may wait.
-    buffer = Buffer(settings.queue_size, steps_per_batch(settings.batch_size), put_timeout=3600.0)
-    worker = Worker(
-        buffer,
+    forwarder = Forwarder(
         settings,
         tracking_uri,
         experiment,
-        dead_letters=dead_letters,
+        dead_letters,
+        journal=False,
         replaying=True,
         park=False,
+        put_timeout=3600.0,
     )
+    buffer, worker = forwarder.buffer, forwarder.worker
     worker.start()
     runs: set[str] = set()
-    finished = False
     try:
         for start in orphan.open_runs():
             buffer.put_boundary(start)
@@ -265,12 +263,7 @@ def _replay(
             if progress is not None:
                 progress(len(record))
     finally:
-        done = Marker(closing=True)
-        buffer.put_marker(done)
-        finished = done.done.wait(settings.retry_deadline + settings.close_timeout)
-        deadline = time.monotonic() + LAST_ATTEMPT_S
-        worker.stop(deadline)
-        worker.join(deadline)
+        finished = close_all([forwarder], settings.retry_deadline + settings.close_timeout)
     stats = worker.stats
     summary.runs = len(runs)
     summary.delivered = stats.delivered

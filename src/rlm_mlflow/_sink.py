@@ -1,7 +1,8 @@
-"""`MLflowSink`: the seed's contract (rlm-code's sink protocol) on top of the forwarder.
+"""`MLflowSink`: rlm-code's sink contract (constructor, hooks, `status()`) on a forwarder.
 
 The three hooks are the hot path: each builds one event and puts it in the buffer. They never
-raise, never touch the network or the disk, and never import mlflow.
+raise, never touch the network or the disk, and never import mlflow. The rest of this module
+is the sink's place in the process: closed at exit and on SIGTERM, started afresh after fork.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import importlib.util
 import os
 import signal
 import threading
-import time as _time
 from collections.abc import Mapping
 from pathlib import Path
 from time import time
@@ -23,24 +23,23 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
-from ._batcher import show, steps_per_batch
-from ._buffer import Buffer
 from ._deadletter import DeadLetters
-from ._event import Marker, RunEnd, RunStart, Step
-from ._journal import SPILL_FILE, Journal, journal_meta
+from ._event import RunEnd, RunStart, Step
+from ._exporter import Exporter
+from ._forwarder import Forwarder, close_all
 from ._log import log
+from ._payload import show
 from ._redact import redact_text, redact_uri
 from ._replay import SyncSummary, sync
 from ._settings import DEFAULT_EXPERIMENT, Settings, parse_bool
-from ._spill import Spill
-from ._worker import LAST_ATTEMPT_S, Worker
 
 
 class MLflowSink:
     """Send RLM runs to MLflow: params and tags at start, two metrics per step, a summary at end.
 
-    ``MLflowSink(enabled, experiment, tracking_uri)`` is the seed's constructor. Queue settings
+    ``MLflowSink(enabled, experiment, tracking_uri)`` is rlm-code's constructor. Queue settings
     (see `Settings`) come from keyword arguments, else ``DSPY_RLM_MLFLOW_*``, else defaults.
+    ``exporter`` sends through that exporter instead of connecting to MLflow (tests).
     """
 
     name = "mlflow"
@@ -53,6 +52,7 @@ class MLflowSink:
         *,
         settings: Settings | None = None,
         worker: Literal["thread", "task"] = "thread",
+        exporter: Exporter | None = None,
         **overrides: Any,
     ) -> None:
         if worker not in ("thread", "task"):
@@ -65,19 +65,17 @@ class MLflowSink:
         self.settings = (
             Settings.from_env(**overrides) if settings is None else _replace(settings, overrides)
         )
-        self._buffer: Buffer | None = None
-        self._worker: Worker | None = None
+        self._forwarder: Forwarder | None = None
+        self._buffer: Any = None  # the forwarder's buffer: the hooks' one attribute lookup
+        self._exporter = exporter
         self._unavailable: str | None = None
         self._hook_errors = 0
         self._hook_lock = threading.Lock()
-        # Re-entrant: the SIGTERM handler may close while this thread is inside close().
-        self._close_lock = threading.RLock()
-        self._close_marker: Marker | None = None  # set once, by the first close()
         self._replayer: threading.Thread | None = None
         self.replayed: SyncSummary | None = None  # what the start-up replay of the spool did
         if not enabled:
             return
-        if importlib.util.find_spec("mlflow") is None:
+        if exporter is None and importlib.util.find_spec("mlflow") is None:
             self._unavailable = "unavailable: No module named 'mlflow'"
             log.warning(
                 "mlflow is not installed; the MLflow sink does nothing",
@@ -93,56 +91,28 @@ class MLflowSink:
 
     def _start_forwarder(self, *, replay_orphans: bool) -> None:
         """Buffer, worker, and (with a spool) this process's own journal."""
-        s = self.settings
-        journal = None
-        if s.spool_dir:
-            try:
-                journal = Journal(
-                    Path(s.spool_dir),
-                    s.spool_max_bytes,
-                    journal_meta(self.experiment, self.tracking_uri),
-                    s.fsync,
-                )
-            except OSError as exc:  # refuse this one setting; everything else works
-                log.error(
-                    "spool_dir refused: the sink runs without a spool",
-                    spool_dir=s.spool_dir,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-        if journal is not None and replay_orphans:
+        forwarder = Forwarder(
+            self.settings,
+            self.tracking_uri,
+            self.experiment,
+            self.dead_letters,
+            exporter=self._exporter,
+            park=not self._task_mode,
+        )
+        self._forwarder, self._buffer = forwarder, forwarder.buffer
+        if forwarder.journal is not None and replay_orphans:
             self._replayer = threading.Thread(
                 target=self._replay_orphans, name="rlm-mlflow-sync", daemon=True
             )
             self._replayer.start()
-        overflow = None
-        if journal is not None and s.when_full == "spill":
-            overflow = Spill(journal.dir / SPILL_FILE, durable=s.fsync == "always")
-        self._buffer = Buffer(
-            s.queue_size,
-            steps_per_batch(s.batch_size),
-            s.put_timeout,
-            s.when_full,
-            overflow=overflow,
-            overflow_max_bytes=s.spool_max_bytes,
-        )
-        self._worker = Worker(
-            self._buffer,
-            s,
-            self.tracking_uri,
-            self.experiment,
-            dead_letters=self.dead_letters,
-            journal=journal,
-        )
         if not self._task_mode:
-            self._worker.start()
+            forwarder.worker.start()
 
     def _restart_in_child(self) -> None:
         """After os.fork(): the parent's queue, worker and journal stay the parent's. The child
         starts empty (nothing of the parent's is sent twice) and has no runs open."""
-        if self._worker is not None:  # let go of the parent's files (its flock stays its own)
-            self._worker.release_files_after_fork()
-        self._close_lock = threading.RLock()
-        self._close_marker = None
+        if self._forwarder is not None:
+            self._forwarder.release_after_fork()
         self._replayer = None
         self._start_forwarder(replay_orphans=False)
 
@@ -233,13 +203,9 @@ class MLflowSink:
         Returns False, and logs how many events are still pending, if ``timeout`` (default:
         the ``close_timeout`` setting) passes first.
         """
-        if self._buffer is None or self._worker is None:
+        if self._forwarder is None:
             return True
-        marker = self._close_marker  # once closing, nothing new is accepted: wait for close
-        if marker is None:
-            marker = Marker()
-            self._buffer.put_marker(marker)
-        return self._wait(marker, timeout, "flush")
+        return self._forwarder.flush(self.settings.close_timeout if timeout is None else timeout)
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush, end every run still open as KILLED, and stop the worker. Idempotent.
@@ -252,35 +218,6 @@ class MLflowSink:
         close do nothing (each is counted as dropped).
         """
         return _close_all([self], timeout)
-
-    def _begin_close(self) -> tuple[Marker, bool] | None:
-        """Queue the closing marker (once) and refuse new events; whether this call was the
-        first. None when there is nothing to close."""
-        if self._buffer is None or self._worker is None:
-            return None
-        with self._close_lock:
-            if self._close_marker is not None:
-                return self._close_marker, False
-            marker = self._close_marker = Marker(closing=True)
-        self._buffer.put_marker(marker)
-        self._buffer.close()
-        return marker, True
-
-    def _wait(self, marker: Marker, timeout: float | None, what: str) -> bool:
-        assert self._buffer is not None and self._worker is not None
-        if timeout is None:
-            timeout = self.settings.close_timeout
-        if self._buffer.loop_thread == threading.get_ident():
-            log.warning(
-                "flush()/close() called on the event loop the worker runs in; "
-                "await aflush()/aclose() instead",
-                call=what,
-            )
-            return marker.done.is_set()
-        if marker.done.wait(timeout if self._worker.alive else 0):
-            return True
-        log.warning("timed out", call=what, timeout=timeout, pending=self.status()["pending"])
-        return False
 
     def __enter__(self) -> MLflowSink:
         return self
@@ -301,11 +238,11 @@ class MLflowSink:
     async def __aenter__(self) -> MLflowSink:
         """With ``worker="task"`` the worker runs as a task of this block's task group, in
         the caller's event loop, instead of in a thread of its own."""
-        if self._task_mode and self._worker is not None and self._buffer is not None:
+        if self._task_mode and self._forwarder is not None:
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
-            self._buffer.loop_thread = threading.get_ident()
-            self._task_group.start_soon(self._worker.run, name="rlm-mlflow worker")
+            self._forwarder.buffer.loop_thread = threading.get_ident()
+            self._task_group.start_soon(self._forwarder.worker.run, name="rlm-mlflow worker")
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -320,16 +257,16 @@ class MLflowSink:
     @property
     def closed(self) -> bool:
         """Whether close() was called (hooks are dropped from then on)."""
-        return self._close_marker is not None
+        return self._forwarder is not None and self._forwarder.closing is not None
 
     @property
     def available(self) -> bool:
-        worker = self._worker
-        return worker is not None and worker.unavailable is None
+        forwarder = self._forwarder
+        return forwarder is not None and forwarder.worker.unavailable is None
 
     def status(self) -> dict[str, Any]:
-        """The seed's keys (name, enabled, available, detail, experiment) and the forwarder's."""
-        worker = self._worker
+        """rlm-code's keys (name, enabled, available, detail, experiment) and the forwarder's."""
+        worker = self._forwarder.worker if self._forwarder is not None else None
         unavailable = self._unavailable or (worker.unavailable if worker else None)
         if not self.enabled:
             detail = "disabled"
@@ -344,9 +281,9 @@ class MLflowSink:
             "detail": detail,
             "experiment": self.experiment,
         }
-        if worker is None or self._buffer is None:
+        if worker is None or self._forwarder is None:
             return status
-        stats, buffer = worker.stats, self._buffer
+        stats, buffer = worker.stats, self._forwarder.buffer
         queued = len(buffer)
         status.update(
             tracking_uri=worker.resolved_uri,
@@ -413,32 +350,15 @@ _live_sinks: set[MLflowSink] = set()
 
 
 def _close_all(sinks: list[MLflowSink], timeout: float | None) -> bool:
-    """Close ``sinks`` at once: every flush starts now, all share one deadline (each sink's
-    ``close_timeout`` unless ``timeout`` is given), and the last attempts run side by side.
-    Whether every sink finished everything in time."""
-    started = _time.monotonic()
-    closing = []
-    for sink in sinks:
-        begun = sink._begin_close()
-        if begun is not None:
-            limit = sink.settings.close_timeout if timeout is None else max(0.0, timeout)
-            closing.append((sink, *begun, started + limit))
-    done = True
-    for sink, marker, _, deadline in closing:
-        reserve = min(LAST_ATTEMPT_S, 0.2 * (deadline - started))
-        remaining = max(0.0, deadline - reserve - _time.monotonic())
-        done = sink._wait(marker, remaining, "close") and done
-    # Also when another close is under way (the SIGTERM handler interrupting a close() of
-    # this thread): the process may not live to see that one finish.
-    for sink, _, _, deadline in closing:
-        assert sink._worker is not None
-        sink._worker.stop(deadline)  # a no-op when it already stopped
-    for sink, _, _, deadline in closing:
-        assert sink._worker is not None and sink._buffer is not None
-        sink._worker.join(deadline)
-        sink._buffer.close_overflow()
+    """Close ``sinks`` at once, under one deadline (see `close_all`)."""
+    open_ = [s for s in sinks if s._forwarder is not None]
+    forwarders = [s._forwarder for s in open_ if s._forwarder is not None]
+    started = time()
+    done = close_all(forwarders, timeout)
+    for sink in open_:
         if sink._replayer is not None:
-            sink._replayer.join(max(0.0, deadline - _time.monotonic()))
+            limit = sink.settings.close_timeout if timeout is None else timeout
+            sink._replayer.join(max(0.0, started + limit - time()))
         _live_sinks.discard(sink)
     return done
 

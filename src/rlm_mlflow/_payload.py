@@ -166,6 +166,15 @@ def step_rows(event: Step) -> tuple[MetricRow, MetricRow]:
     )
 
 
+def admitted_step_rows(event: Step) -> tuple[MetricRow, MetricRow]:
+    """`step_rows` of an admitted step (its values already checked and made plain)."""
+    ts = int(event.time * 1000)
+    return (
+        ("step_reward", event.reward, ts, event.step),
+        ("cumulative_reward", event.cumulative_reward, ts, event.step),
+    )
+
+
 def steps_per_batch(batch_size: int) -> int:
     """How many step events fill one log_batch call."""
     return max(1, batch_size // len(STEP_METRICS))

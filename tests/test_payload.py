@@ -5,7 +5,7 @@ from decimal import Decimal
 import numpy as np
 import pytest
 
-from rlm_mlflow import _batcher as batcher
+from rlm_mlflow import _payload as batcher
 from rlm_mlflow._event import RunEnd, RunStart, Step
 
 

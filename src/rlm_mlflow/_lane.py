@@ -1,0 +1,260 @@
+"""A lane: one run's ordered stream of events, and the order of the MLflow calls it makes.
+
+The run is created before any batch of it is sent (a child run after its parent, so it can
+carry ``mlflow.parentRunId``); its params follow; step batches go out concurrently, up to the
+connection's in-flight limit; the summary, the artifact and ``set_terminated`` come only after
+every batch before them finished. What MLflow refuses for good is bisected until the refused
+entities stand alone, so the rest of the batch lands. Every event is counted once, through
+`Outcomes`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+
+from . import _payload as payload
+from ._event import Event, RunEnd, RunStart, Step
+from ._exporter import Connection, is_transient
+from ._log import log
+from ._outcomes import Outcomes
+
+U = TypeVar("U")
+
+
+@dataclass
+class Sending:
+    """What every lane of a worker shares."""
+
+    outcomes: Outcomes
+    batch_size: int
+    replaying: bool  # a run may already exist: look it up by its key first
+    connection: Connection | None = None  # set once connected
+    unended: set[Lane] = field(default_factory=set)  # created in MLflow, not yet terminated
+
+    def ready(self) -> Connection:
+        assert self.connection is not None, "lanes send only once connected"
+        return self.connection
+
+    async def bisect(
+        self, units: list[U], send: Callable[[list[U]], Awaitable[None]]
+    ) -> list[tuple[list[U], Exception]]:
+        """Send ``units``; when MLflow refuses them for good, halve until the refused ones
+        are isolated, so the rest lands. Returns the parts that did not land, with the error.
+        Not once the sink is unavailable (a deleted experiment refuses everything)."""
+        if not units:
+            return []
+        try:
+            await send(units)
+        except Exception as exc:
+            if len(units) == 1 or is_transient(exc) or self.outcomes.unavailable is not None:
+                return [(units, exc)]
+            middle = len(units) // 2
+            return await self.bisect(units[:middle], send) + await self.bisect(units[middle:], send)
+        return []
+
+
+@dataclass(eq=False)
+class Lane:
+    """One run on its way to MLflow. The worker's loop fills ``pending`` and counts
+    ``enqueued``/``completed``; the lane's task sends."""
+
+    start: RunStart
+    parent: Lane | None
+    created: anyio.Event = field(default_factory=anyio.Event)
+    mlflow_id: str | None = None
+    start_error: BaseException | None = None
+    seen_steps: set[int] = field(default_factory=set)
+    pending: list[Event] = field(default_factory=list)
+    sending: list[Event] = field(default_factory=list)  # the batch its task is sending
+    enqueued: int = 0
+    completed: int = 0  # advanced only when a whole batch of pending events is done
+    finished: int = 0  # events of this lane counted in Stats (see Outcomes.tally)
+    running: bool = False
+    terminated: bool = False
+    recreate: bool = False  # its start was lost in a crash of the loop: create it again
+
+    @property
+    def run_id(self) -> str:
+        return self.start.run_id
+
+    async def send(self, batch: list[Event], s: Sending) -> None:
+        """One batch of this run's events, in order: steps between boundaries go together."""
+        if self.recreate:
+            self.recreate = False
+            await self.create(s, counted=False)
+        steps: list[Step] = []
+        for event in batch:
+            if isinstance(event, Step):
+                steps.append(event)
+                continue
+            await self._send_steps(steps, s)
+            steps = []
+            if isinstance(event, RunStart):
+                await self.create(s)
+            elif isinstance(event, RunEnd):
+                await self.end(event, s)
+        await self._send_steps(steps, s)
+
+    async def create(self, s: Sending, counted: bool = True, find: bool = False) -> None:
+        """Create the run (or, replaying or ``find``, find it by its key first), then log its
+        params. ``counted`` is off when the start event was already counted (re-created after
+        a crash of the loop)."""
+        connection, event = s.ready(), self.start
+        events = 1 if counted else 0
+        try:
+            parent_mlflow_id = None
+            if self.parent is not None:
+                await self.parent.created.wait()
+                parent_mlflow_id = self.parent.mlflow_id
+            if s.replaying or find:
+                self.mlflow_id = await connection.find_run(event.key)
+            if self.mlflow_id is None:
+                tags = payload.run_tags(self.run_id, parent_mlflow_id, event.key)
+                self.mlflow_id = await connection.create_run(
+                    payload.run_name(self.run_id), payload.timestamp_ms(event.time), tags
+                )
+            s.unended.add(self)
+        except Exception as exc:
+            self.start_error = exc
+            await s.outcomes.undeliverable(
+                events, self, "create_run", exc, [{"run_id": self.run_id}]
+            )
+            return
+        finally:
+            self.created.set()
+        mlflow_id = self.mlflow_id
+        params = [(key, str(value)) for key, value in event.params.items()]
+        failures = await s.bisect(params, lambda part: connection.log_params(mlflow_id, part))
+        for part, error in failures:
+            entities = [{"key": k, "value": v} for k, v in part]
+            await s.outcomes.undeliverable(0, self, "log_params", error, entities)
+        if failures:
+            s.outcomes.failed_call(self, failures[-1][1], events)
+        else:
+            s.outcomes.tally(self, "delivered", events)
+
+    async def _send_steps(self, steps: list[Step], s: Sending) -> None:
+        rows: list[payload.MetricRow] = []
+        for event in steps:
+            if event.step in self.seen_steps:
+                s.outcomes.reject(
+                    event, f"step {event.step} repeated (the first one was kept)", self
+                )
+                continue
+            self.seen_steps.add(event.step)
+            rows.extend(payload.admitted_step_rows(event))
+        if not rows:
+            return
+        if self.mlflow_id is None:
+            assert self.start_error is not None
+            await s.outcomes.undeliverable(
+                len(rows) // 2, self, "log_batch", self.start_error, metric_dicts(rows)
+            )
+            return
+        async with anyio.create_task_group() as tg:
+            for part in payload.step_batches(rows, s.batch_size):
+                tg.start_soon(self._send_rows, part, s)
+
+    async def _send_rows(self, rows: list[payload.MetricRow], s: Sending) -> None:
+        """One log_batch of step metrics; a refused one is bisected down to single metrics."""
+        mlflow_id, connection = self.mlflow_id, s.ready()
+        assert mlflow_id is not None
+        failures = await s.bisect(rows, lambda part: connection.log_metrics(mlflow_id, part))
+        lost: dict[int, Exception] = {}  # step -> why (an event is lost if either metric is)
+        for part, exc in failures:
+            await s.outcomes.undeliverable(0, self, "log_batch", exc, metric_dicts(part))
+            lost.update((row[3], exc) for row in part)
+        for exc in lost.values():
+            s.outcomes.failed_call(self, exc)
+        s.outcomes.tally(self, "delivered", len(rows) // len(payload.STEP_METRICS) - len(lost))
+
+    async def end(self, event: RunEnd, s: Sending, upload: bool = True) -> None:
+        """Summary, artifact, then terminate; ``upload`` is off in the close's last attempt."""
+        # A KILLED end is the sink's own (for a run never ended), not a caller's event.
+        events = 1 if event.status == "FINISHED" else 0
+        if self.mlflow_id is None:
+            assert self.start_error is not None
+            await s.outcomes.undeliverable(events, self, "set_terminated", self.start_error, [])
+            return
+        connection, mlflow_id = s.ready(), self.mlflow_id
+        failed: list[Exception] = []
+        if event.status == "FINISHED":
+            rows = payload.admitted_summary_rows(event)
+            for part, error in await s.bisect(
+                rows, lambda part: connection.log_metrics(mlflow_id, part)
+            ):
+                await s.outcomes.undeliverable(0, self, "log_batch", error, metric_dicts(part))
+                failed.append(error)
+            if upload:
+                failed.extend(await self._upload(event, s))
+            elif event.run_path is not None:
+                s.outcomes.skip(
+                    "run_path not uploaded: the close deadline ran out",
+                    run_id=self.run_id,
+                    run_path=event.run_path,
+                )
+        try:  # even when the rest failed: never leave an orphaned RUNNING run
+            await connection.set_terminated(
+                mlflow_id, event.status, payload.timestamp_ms(event.time)
+            )
+            self.terminated = True
+            s.unended.discard(self)
+        except Exception as exc:
+            await s.outcomes.undeliverable(
+                0, self, "set_terminated", exc, [{"status": event.status}]
+            )
+            failed.append(exc)
+        if failed:
+            s.outcomes.failed_call(self, failed[-1], events)
+        else:
+            s.outcomes.tally(self, "delivered", events)
+
+    async def _upload(self, event: RunEnd, s: Sending) -> list[Exception]:
+        path = event.run_path
+        if path is None:
+            return []
+        assert self.mlflow_id is not None
+        if not os.path.exists(path):
+            s.outcomes.skip(
+                "run_path does not exist; no artifact logged", run_id=self.run_id, run_path=path
+            )
+            return []
+        try:
+            await s.ready().log_path(self.mlflow_id, path)
+        except OSError as exc:
+            if is_transient(exc) or exc.filename is None:
+                await s.outcomes.undeliverable(0, self, "log_artifact", exc, [{"path": path}])
+                return [exc]
+            # a local file we cannot read (permissions, a symlink loop): not MLflow's refusal
+            s.outcomes.skip(
+                "run_path could not be read; no artifact logged",
+                run_id=self.run_id,
+                run_path=path,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
+        except Exception as exc:
+            await s.outcomes.undeliverable(0, self, "log_artifact", exc, [{"path": path}])
+            return [exc]
+        return []
+
+    async def close_at_deadline(self, end: RunEnd, create: bool, s: Sending) -> None:
+        """The close's last attempt for this run: create it if it never was (its start may
+        have been in flight: find it by key first), then end it; no artifact."""
+        try:
+            if create:
+                await self.create(s, find=True)
+            if self.mlflow_id is not None and not self.terminated:
+                await self.end(end, s, upload=False)
+        except Exception as exc:  # a bug of ours: the other runs still get their end
+            log.exception(
+                "internal error ending a run at close", run_id=self.run_id, error=repr(exc)
+            )
+
+
+def metric_dicts(rows: Sequence[payload.MetricRow]) -> list[dict[str, Any]]:
+    return [{"key": k, "value": v, "timestamp": ts, "step": s} for k, v, ts, s in rows]

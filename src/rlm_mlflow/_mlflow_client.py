@@ -1,0 +1,87 @@
+"""`MlflowClientExporter`: ``MlflowClient`` calls, for the stores MLflow reaches without HTTP
+(embedded ``sqlite:///``, ``postgresql://``, a file store)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ._exporter import ExperimentDeleted, key_filter
+from ._log import log
+from ._payload import MetricRow
+
+
+class MlflowClientExporter:
+    """``MlflowClient`` calls, for stores MLflow reaches without HTTP."""
+
+    def __init__(self, client: Any) -> None:
+        from mlflow.entities import Metric, Param
+
+        self._client = client
+        self._metric, self._param = Metric, Param
+        self.tracking_uri: str = client.tracking_uri
+        self.experiment_id = ""
+
+    def experiment(self, name: str, restore: bool) -> str:
+        """Get or create; another process may create it between our get and create. A
+        deleted experiment is restored if ``restore``, else ExperimentDeleted."""
+        from mlflow.exceptions import MlflowException
+
+        found = self._client.get_experiment_by_name(name)
+        if found is None:
+            try:
+                return str(self._client.create_experiment(name))
+            except MlflowException:
+                found = self._client.get_experiment_by_name(name)
+                if found is None:
+                    raise
+        experiment_id = str(found.experiment_id)
+        if found.lifecycle_stage == "deleted":
+            if not restore:
+                raise ExperimentDeleted(name, experiment_id)
+            self._client.restore_experiment(experiment_id)
+            log.warning("restored the deleted experiment", experiment=name, id=experiment_id)
+        return experiment_id
+
+    def create_run(self, run_name: str, start_ms: int, tags: dict[str, str]) -> str:
+        run = self._client.create_run(
+            self.experiment_id, start_time=start_ms, tags=tags, run_name=run_name
+        )
+        return str(run.info.run_id)
+
+    def find_run(self, key: str) -> str | None:
+        runs = self._client.search_runs(
+            [self.experiment_id], filter_string=key_filter(key), max_results=1
+        )
+        return str(runs[0].info.run_id) if runs else None
+
+    def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
+        self._client.log_batch(run_id, params=[self._param(k, v) for k, v in params])
+
+    def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:
+        metrics = [self._metric(key, value, ts, step) for key, value, ts, step in rows]
+        self._client.log_batch(run_id, metrics=metrics)
+
+    def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
+        self._client.set_terminated(run_id, status=status, end_time=end_ms)
+
+    def log_path(self, run_id: str, path: str) -> None:
+        """A file lands at the artifact root (as in rlm-code's sink); a directory under its
+        own name."""
+        if os.path.isdir(path):
+            name = os.path.basename(os.path.normpath(path))
+            self._client.log_artifacts(run_id, path, artifact_path=name)
+        else:
+            self._client.log_artifact(run_id, path)
+
+    def experiment_state(self) -> str:
+        """``active``, ``deleted``, or ``missing`` (deleted for good)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self._client.get_experiment(self.experiment_id).lifecycle_stage)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return "missing"
+            raise

@@ -1,0 +1,230 @@
+"""Where every event ends: the counters of `status()`, and the rules that pick one.
+
+Every event that leaves the buffer ends in exactly one counter of `Stats`: delivered,
+rejected (bad input), dead-lettered (refused by MLflow for good), spooled (kept in the journal
+for a later sync), failed (not delivered, no spool) or discarded (mlflow missing). `Outcomes`
+is the only writer of those counters (one thread: the worker's loop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tenacity import RetryCallState
+
+from ._deadletter import DeadLetters
+from ._event import Event, RunEnd, RunStart, Step
+from ._exporter import ExperimentDeleted, is_transient
+from ._log import log
+from ._payload import show
+from ._redact import redact_text
+
+
+@dataclass
+class Stats:
+    """Counters written by the worker thread only; read from anywhere (plain ints)."""
+
+    drained: int = 0
+    delivered: int = 0
+    rejected: int = 0  # bad input, refused before sending
+    dead_lettered: int = 0  # refused by MLflow for good; written to the dead-letter file
+    failed: int = 0  # not delivered (unreachable past the deadline, or unavailable), no spool
+    spooled: int = 0  # not delivered, kept in the journal for a later sync
+    discarded: int = 0  # drained while mlflow cannot be imported
+    retried: int = 0
+    skipped: int = 0  # parts of an event not logged: non-scalar params, a missing run path
+    last_error: str | None = None
+
+    @property
+    def finished(self) -> int:
+        return (
+            self.delivered
+            + self.rejected
+            + self.dead_lettered
+            + self.failed
+            + self.spooled
+            + self.discarded
+        )
+
+    @property
+    def inflight(self) -> int:
+        """Drained and not finished yet."""
+        return self.drained - self.finished
+
+
+class Counted(Protocol):
+    """What outcomes are counted for besides the totals: a run's lane (see `Lane.finished`)."""
+
+    finished: int
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def mlflow_id(self) -> str | None: ...
+
+
+class Outcomes:
+    """Counts each event once, logs what a user must know once, and decides where what did
+    not land goes: dead letters for MLflow's refusals, else the spool or `failed`."""
+
+    def __init__(self, dead_letters: DeadLetters, experiment: str) -> None:
+        self.stats = Stats()
+        self.dead_letters = dead_letters
+        self.experiment = experiment
+        self.spooling = False  # a journal holds every drained event (set by the worker)
+        self.keep_journal = False  # something is kept for a later replay: no more acks
+        self.import_error: str | None = None
+        self.unavailable: str | None = None  # why nothing can be sent (status' detail)
+        #: Asks MLflow whether the experiment is still active (set once connected).
+        self.experiment_state: Callable[[], Awaitable[str]] | None = None
+        self._experiment_checked = 0.0
+        self._experiment_id = ""
+        self._rejections_logged: set[tuple[str, str]] = set()
+
+    def tally(self, lane: Counted | None, outcome: str, events: int) -> None:
+        """Count ``events`` in one counter (and as finished for their lane)."""
+        if events <= 0:
+            return
+        setattr(self.stats, outcome, getattr(self.stats, outcome) + events)
+        if lane is not None:
+            lane.finished += events
+
+    def give_up(self, events: int, lane: Counted | None = None) -> None:
+        """Events this worker will not send: discarded without mlflow, else kept in the
+        journal (spooled) or lost (failed)."""
+        if self.import_error is not None:
+            self.tally(lane, "discarded", events)
+        elif self.spooling:
+            self.keep_journal = True
+            self.tally(lane, "spooled", events)
+        else:
+            self.tally(lane, "failed", events)
+
+    def reject(self, event: Event, reason: str, lane: Counted | None = None) -> None:
+        """Count every rejection; log the first one per run and hook, not one per event."""
+        self.tally(lane, "rejected", 1)
+        run_id = getattr(event, "run_id", None)
+        shown = run_id if isinstance(run_id, str) else show(run_id)
+        key = (shown[:200], hook_name(event))
+        if key in self._rejections_logged:
+            return
+        if len(self._rejections_logged) < 10_000:
+            self._rejections_logged.add(key)
+        log.warning(
+            "event rejected; further rejections of this run and hook are only counted",
+            run_id=key[0],
+            hook=key[1],
+            reason=reason,
+        )
+
+    def skip(self, message: str, **fields: Any) -> None:
+        """One part of an event not logged (its run path, say): counted, and said."""
+        self.stats.skipped += 1
+        log.warning(message, **fields)
+
+    def skipped(self, run_id: str, hook: str, problems: list[str]) -> None:
+        """Parts of an event that were not logged (a param, a summary value, the run path)."""
+        self.stats.skipped += len(problems)
+        log.warning(
+            "parts of an event not logged", run_id=run_id, hook=hook, reason="; ".join(problems)
+        )
+
+    async def undeliverable(
+        self, events: int, lane: Counted, call: str, exc: BaseException, entities: list[Any]
+    ) -> None:
+        """What did not land: dead-lettered if MLflow refused it, else spooled or failed."""
+        self.note_error(call, exc)
+        if is_transient(exc) or self.unavailable is not None or await self._experiment_gone():
+            log.error(
+                "mlflow unavailable"
+                if self.unavailable is not None
+                else "mlflow unreachable past the retry deadline",
+                run_id=lane.run_id,
+                call=call,
+                events=events,
+                kept_in_spool=self.spooling,
+                error=self.stats.last_error,
+            )
+            self.give_up(events, lane)
+            return
+        self.dead_letters.write(
+            run_id=lane.run_id,
+            mlflow_run_id=lane.mlflow_id,
+            call=call,
+            entities=entities,
+            reason=str(exc),
+        )
+        log.error(
+            "mlflow refused; dead-lettered",
+            run_id=lane.run_id,
+            call=call,
+            events=events,
+            error=self.stats.last_error,
+            dead_letter_file=str(self.dead_letters.path),
+        )
+        self.tally(lane, "dead_lettered", events)
+
+    def failed_call(self, lane: Counted, exc: BaseException, events: int = 1) -> None:
+        """Count ``events`` whose call failed (already logged by `undeliverable`)."""
+        if self.unavailable is not None or is_transient(exc):
+            self.give_up(events, lane)
+        else:
+            self.tally(lane, "dead_lettered", events)
+
+    async def _experiment_gone(self) -> bool:
+        """After a refusal: was the experiment deleted under us? (asked at most every 5 s)"""
+        now = time.monotonic()
+        if self.experiment_state is None or now - self._experiment_checked < 5.0:
+            return self.unavailable is not None
+        self._experiment_checked = now
+        try:
+            state = await self.experiment_state()
+        except Exception:
+            return False
+        if state == "active":
+            return False
+        self.set_unavailable(
+            f"unavailable: {ExperimentDeleted(self.experiment, self._experiment_id)}"
+        )
+        return True
+
+    def connected(self, experiment_id: str, state: Callable[[], Awaitable[str]]) -> None:
+        self._experiment_id = experiment_id
+        self.experiment_state = state
+
+    def set_unavailable(self, reason: str) -> None:
+        """From now on nothing is sent: events are kept in the journal (spooled) if there is
+        one, else counted failed (discarded when mlflow is missing)."""
+        if self.unavailable is None and self.import_error is None:
+            log.error(
+                "MLflow sink unavailable; events are kept in the spool"
+                if self.spooling
+                else "MLflow sink unavailable; events are counted failed (no spool)",
+                reason=reason,
+            )
+        self.unavailable = reason
+        self.stats.last_error = reason[:500]
+
+    def note_error(self, what: str, exc: BaseException) -> None:
+        self.stats.last_error = redact_text(f"{what}: {type(exc).__name__}: {str(exc)[:500]}")
+
+    def on_retry(self, state: RetryCallState) -> None:
+        """tenacity's ``before_sleep``: count the retry and say why, once per attempt."""
+        self.stats.retried += 1
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "mlflow call failed, retrying",
+            attempt=state.attempt_number,
+            retry_in=round(state.upcoming_sleep, 2),
+            error=redact_text(str(exc))[:300],
+        )
+
+
+def hook_name(event: Event) -> str:
+    return {RunStart: "on_run_start", Step: "on_step", RunEnd: "on_run_end"}.get(
+        type(event), "marker"
+    )

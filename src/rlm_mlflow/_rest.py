@@ -1,0 +1,210 @@
+"""`RestExporter`: MLflow's REST API for tracking servers, without MlflowClient in between.
+
+The JSON of each call is built straight from our rows (no MLflow entities, no protobuf) and
+sent by MLflow's own `http_request` with the tracking store's host credentials, so every
+auth MLflow supports (tokens, basic auth, Databricks, request-header providers, TLS settings)
+keeps working; with our timeout and no inner retries (`Connection` retries, honouring a
+429/503's Retry-After). Same validation and limits as MLflow's client: `_payload` checked
+everything before it got here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ._exporter import API, MAX_RETRY_AFTER, ExperimentDeleted, HttpError, Unreachable, key_filter
+from ._log import log
+from ._payload import MetricRow
+
+
+class RestExporter:
+    """MLflow's REST API, JSON built from our rows, sent by MLflow's own `http_request`."""
+
+    def __init__(self, uri: str, host_creds: Callable[[], Any], timeout: float) -> None:
+        from mlflow.utils.rest_utils import http_request
+
+        self.tracking_uri = uri
+        self.experiment_id = ""
+        self._host_creds = host_creds
+        self._http_request = http_request
+        self._timeout = timeout
+        self._artifact_uris: dict[str, str] = {}
+
+    def _request(
+        self, method: str, endpoint: str, body: Any = None, *, data: Any = None
+    ) -> dict[str, Any]:
+        """One request, no inner retries (ours are around it), our timeout."""
+        import requests
+
+        kwargs: dict[str, Any] = {}
+        if method == "GET":
+            kwargs["params"] = body
+        elif data is not None:
+            kwargs["data"] = data
+        else:
+            kwargs["data"] = json.dumps(body, separators=(",", ":"))
+            kwargs["extra_headers"] = {"Content-Type": "application/json"}
+        try:
+            response = self._http_request(
+                self._host_creds(),
+                endpoint,
+                method,
+                max_retries=0,
+                backoff_factor=0,
+                backoff_jitter=0,
+                timeout=self._timeout,
+                raise_on_status=False,
+                respect_retry_after_header=False,
+                **kwargs,
+            )
+        except requests.exceptions.RequestException as exc:
+            raise Unreachable(f"{method} {endpoint}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code == 200:
+            try:
+                answer: dict[str, Any] = response.json() if response.content else {}
+            except ValueError:
+                answer = {}
+            return answer
+        raise _http_error(response)
+
+    def experiment(self, name: str, restore: bool) -> str:
+        """Get or create (see `MlflowClientExporter.experiment`)."""
+        by_name = f"{API}/experiments/get-by-name"
+        try:
+            found = self._request("GET", by_name, {"experiment_name": name})
+        except HttpError as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            try:
+                created = self._request("POST", f"{API}/experiments/create", {"name": name})
+                return str(created["experiment_id"])
+            except HttpError as again:  # another process created it meanwhile
+                if again.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                found = self._request("GET", by_name, {"experiment_name": name})
+        experiment = found["experiment"]
+        experiment_id = str(experiment["experiment_id"])
+        if experiment.get("lifecycle_stage") == "deleted":
+            if not restore:
+                raise ExperimentDeleted(name, experiment_id)
+            self._request("POST", f"{API}/experiments/restore", {"experiment_id": experiment_id})
+            log.warning("restored the deleted experiment", experiment=name, id=experiment_id)
+        return experiment_id
+
+    def create_run(self, run_name: str, start_ms: int, tags: dict[str, str]) -> str:
+        body = {
+            "experiment_id": self.experiment_id,
+            "run_name": run_name,
+            "start_time": start_ms,
+            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+        }
+        if "mlflow.user" in tags:
+            body["user_id"] = tags["mlflow.user"]
+        info = self._request("POST", f"{API}/runs/create", body)["run"]["info"]
+        self._artifact_uris[info["run_id"]] = info.get("artifact_uri", "")
+        return str(info["run_id"])
+
+    def find_run(self, key: str) -> str | None:
+        body = {
+            "experiment_ids": [self.experiment_id],
+            "filter": key_filter(key),
+            "max_results": 1,
+        }
+        runs = self._request("POST", f"{API}/runs/search", body).get("runs", [])
+        if not runs:
+            return None
+        info = runs[0]["info"]
+        self._artifact_uris[info["run_id"]] = info.get("artifact_uri", "")
+        return str(info["run_id"])
+
+    def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
+        body = {"run_id": run_id, "params": [{"key": k, "value": v} for k, v in params]}
+        self._request("POST", f"{API}/runs/log-batch", body)
+
+    def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:
+        metrics = [{"key": k, "value": v, "timestamp": ts, "step": s} for k, v, ts, s in rows]
+        self._request("POST", f"{API}/runs/log-batch", {"run_id": run_id, "metrics": metrics})
+
+    def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
+        body = {"run_id": run_id, "status": status, "end_time": end_ms}
+        self._request("POST", f"{API}/runs/update", body)
+
+    def experiment_state(self) -> str:
+        try:
+            answer = self._request(
+                "GET", f"{API}/experiments/get", {"experiment_id": self.experiment_id}
+            )
+        except HttpError as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return "missing"
+            raise
+        return str(answer["experiment"].get("lifecycle_stage", "active"))
+
+    def log_path(self, run_id: str, path: str) -> None:
+        """Files go to the server's artifact proxy by our own requests (our timeout, no inner
+        retries); other artifact stores (a path the server names, S3, ...) through MLflow's
+        artifact repository. A file lands at the root, a directory under its own name."""
+        artifact_uri = self._artifact_uris.get(run_id)
+        if artifact_uri is None:
+            info = self._request("GET", f"{API}/runs/get", {"run_id": run_id})["run"]["info"]
+            artifact_uri = self._artifact_uris[run_id] = info.get("artifact_uri", "")
+        if not artifact_uri.startswith("mlflow-artifacts:/") or artifact_uri.startswith(
+            "mlflow-artifacts://"
+        ):
+            from mlflow.store.artifact.artifact_repository_registry import (
+                get_artifact_repository,
+            )
+
+            repo = get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
+            if os.path.isdir(path):
+                name = os.path.basename(os.path.normpath(path))
+                repo.log_artifacts(path, artifact_path=name)
+            else:
+                repo.log_artifact(path)
+            return
+        root = artifact_uri.removeprefix("mlflow-artifacts:").strip("/")
+        files = [(path, os.path.basename(path))]
+        if os.path.isdir(path):
+            base = os.path.basename(os.path.normpath(path))
+            files = [
+                (os.path.join(top, f), posixpath.join(base, os.path.relpath(top, path), f))
+                for top, _, names in os.walk(path)
+                for f in names
+            ]
+        unreadable: list[OSError] = []
+        for local, relative in files:
+            try:
+                with open(local, "rb") as handle:
+                    endpoint = "/api/2.0/mlflow-artifacts/artifacts/" + posixpath.normpath(
+                        posixpath.join(root, relative)
+                    )
+                    self._request("PUT", endpoint, data=handle)
+            except OSError as exc:
+                if exc.filename is None:
+                    raise  # not a local file's trouble
+                unreadable.append(exc)
+        if unreadable:  # the readable files landed; say which could not be read
+            first = unreadable[0]
+            raise OSError(first.errno, f"{len(unreadable)} file(s) unreadable", first.filename)
+
+
+def _http_error(response: Any) -> HttpError:
+    try:
+        body = response.json()
+        code, message = str(body.get("error_code", "")), str(body.get("message", ""))
+    except ValueError:
+        code, message = "", response.text[:500]
+    retry_after: float | None = None
+    header = response.headers.get("Retry-After")
+    if header:
+        try:
+            retry_after = min(MAX_RETRY_AFTER, max(0.0, float(header)))
+        except ValueError:
+            retry_after = None
+    return HttpError(
+        response.status_code, code or f"HTTP_{response.status_code}", message, retry_after
+    )
