@@ -1,7 +1,10 @@
 """Pure functions from events to MLflow payloads, within MLflow's limits. No mlflow import here.
 
-Metrics are plain ``(key, value, timestamp_ms, step)`` tuples; the client adapter turns them into
-``mlflow.entities.Metric``. Keeping this pure makes the limits testable without a server.
+`admit` is the one gate every event passes before anything else sees it: each value is
+checked and made plain, or the event is refused (`BadInput`) alone. After it, the payloads:
+metrics are plain ``(key, value, timestamp_ms, step)`` rows, which the exporters turn into
+REST JSON or MLflow entities; params and tags are strings within MLflow's limits. Keeping
+this pure makes the limits testable without a server.
 """
 
 from __future__ import annotations
@@ -113,8 +116,8 @@ def as_run_id(value: Any) -> str:
 def as_metric_value(value: Any, name: str) -> float:
     """A finite real number (numpy scalars too); None, bools, strings, NaN and inf are refused.
 
-    The seed read a missing reward as 0.0; we refuse it instead, so that a curve never shows a
-    point the loop did not produce.
+    rlm-code's sink reads a missing reward as 0.0; we refuse it instead, so that a curve never
+    shows a point the loop did not produce.
     """
     if value is None:
         raise BadInput(f"{name} is missing")
@@ -152,7 +155,7 @@ def timestamp_ms(seconds: float) -> int:
 
 
 def step_rows(event: Step) -> tuple[MetricRow, MetricRow]:
-    """The two per-step metrics of the seed, at the hook's step and time."""
+    """The two per-step metrics of rlm-code's MLflowSink, at the hook's step and time."""
     step = as_step(event.step)
     ts = timestamp_ms(event.time)
     return (
@@ -189,7 +192,7 @@ def step_batches(rows: Sequence[MetricRow], batch_size: int) -> Iterator[list[Me
 
 
 def summary_rows(event: RunEnd) -> tuple[list[MetricRow], list[str]]:
-    """The seed's three summary metrics, logged without a step as ``log_metrics`` does.
+    """rlm-code's three summary metrics, logged without a step as ``log_metrics`` does.
 
     Returns the rows and, for each summary value that is not a finite number, why it was left
     out; the others are still logged.
@@ -235,10 +238,10 @@ def key_problem(key: Any) -> str | None:
 
 
 def run_params(event: RunStart) -> tuple[dict[str, str], dict[str, str]]:
-    """The seed's params: every scalar param, then ``environment`` and ``task_chars``.
+    """rlm-code's params: every scalar param, then ``environment`` and ``task_chars``.
 
     Returns the params as MLflow stores them (strings) and the skipped ones with the reason:
-    non-scalars (as the seed does), keys MLflow refuses, values longer than it accepts.
+    non-scalars (as rlm-code's sink does), keys MLflow refuses, values longer than it accepts.
     """
     params, skipped = clean_params(event)
     return {key: str(value) for key, value in params.items()}, skipped
@@ -302,7 +305,7 @@ RUN_KEY_TAG = "rlm_mlflow.run_key"
 
 
 def run_tags(run_id: str, parent_mlflow_id: str | None, key: str) -> dict[str, str]:
-    """The seed's tags, the run name, the parent link and the run key; cut to MLflow's limits."""
+    """rlm-code's tags, the run name, the parent link and the run key; cut to MLflow's limits."""
     tags = {
         "run_id": run_id[:MAX_TAG_VALUE_CHARS],
         "component": COMPONENT,

@@ -10,7 +10,7 @@ from typing import Any
 
 ENV_PREFIX = "DSPY_RLM_MLFLOW_"
 
-#: The seed's experiment name, when DSPY_RLM_MLFLOW_EXPERIMENT does not say otherwise.
+#: rlm-code's experiment name, when DSPY_RLM_MLFLOW_EXPERIMENT does not say otherwise.
 DEFAULT_EXPERIMENT = "rlm-code-rlm"
 
 #: The full-buffer policies (see `Settings.when_full`).
@@ -148,7 +148,7 @@ def env_name(setting: str) -> str:
 
 
 def parse_bool(raw: str | None, default: bool = False) -> bool:
-    """The seed's reading of ``DSPY_RLM_MLFLOW_ENABLED``: 1/true/yes/on, any case."""
+    """rlm-code's reading of ``DSPY_RLM_MLFLOW_ENABLED``: 1/true/yes/on, any case."""
     if raw is None:
         return default
     return raw.strip().lower() in {"1", "true", "yes", "on"}

@@ -1,8 +1,8 @@
 """`MLflowSink`: rlm-code's sink contract (constructor, hooks, `status()`) on a forwarder.
 
 The three hooks are the hot path: each builds one event and puts it in the buffer. They never
-raise, never touch the network or the disk, and never import mlflow. The rest of this module
-is the sink's place in the process: closed at exit and on SIGTERM, started afresh after fork.
+raise, never touch the network or the disk, and never import mlflow. The sink's place in the
+process (closed at exit and on SIGTERM, started afresh after fork) is `_process`.
 """
 
 from __future__ import annotations
@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
-import signal
 import threading
 from collections.abc import Mapping
 from pathlib import Path
 from time import time
-from types import FrameType
 from typing import Any, Literal
 from uuid import uuid4
 
@@ -23,6 +21,7 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskGroup
 
+from . import _process
 from ._deadletter import DeadLetters
 from ._event import RunEnd, RunStart, Step
 from ._exporter import Exporter
@@ -85,9 +84,9 @@ class MLflowSink:
         self.dead_letters = DeadLetters(_dead_letter_path(self.settings))
         self._start_forwarder(replay_orphans=True)
         if not self._task_mode:  # a task-mode sink's life is its `async with` block
-            _live_sinks.add(self)
+            _process.track(self)
             if self.settings.handle_sigterm:
-                _install_sigterm_handler()
+                _process.install_sigterm_handler()
 
     def _start_forwarder(self, *, replay_orphans: bool) -> None:
         """Buffer, worker, and (with a spool) this process's own journal."""
@@ -127,7 +126,7 @@ class MLflowSink:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MLflowSink:
-        """The seed's activation: ``DSPY_RLM_MLFLOW_ENABLED``, ``MLFLOW_TRACKING_URI``,
+        """rlm-code's activation: ``DSPY_RLM_MLFLOW_ENABLED``, ``MLFLOW_TRACKING_URI``,
         ``DSPY_RLM_MLFLOW_EXPERIMENT``, plus one ``DSPY_RLM_MLFLOW_*`` per queue setting."""
         env = os.environ if environ is None else environ
         return cls(
@@ -217,7 +216,7 @@ class MLflowSink:
         delivered is counted failed (or spooled): nothing stays pending. Hooks called after
         close do nothing (each is counted as dropped).
         """
-        return _close_all([self], timeout)
+        return close_sinks([self], timeout)
 
     def __enter__(self) -> MLflowSink:
         return self
@@ -312,7 +311,7 @@ def _dead_letter_path(settings: Settings) -> Path:
 
 
 def _field(result: Any, name: str, default: Any) -> Any:
-    """The seed reads the result's attributes; a mapping works too. A result that cannot be
+    """rlm-code's sink reads the result's attributes; a mapping works too. A result that cannot be
     read gives None (the worker then leaves that summary value out, and says so)."""
     try:
         if isinstance(result, Mapping):
@@ -323,7 +322,7 @@ def _field(result: Any, name: str, default: Any) -> Any:
 
 
 def _chars(task: Any) -> int | None:
-    """``len(task)``, the seed's ``task_chars``; None when it has no length."""
+    """``len(task)``, rlm-code's ``task_chars``; None when it has no length."""
     try:
         return len(task)
     except Exception:
@@ -343,13 +342,7 @@ def _replace(settings: Settings, overrides: dict[str, Any]) -> Settings:
     return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
-# Close every sink the user forgot to close, while threads can still be started (Python 3.12
-# refuses new threads in plain atexit callbacks; concurrent.futures uses the same hook).
-# Strong references: a sink dropped without close() still has events in flight.
-_live_sinks: set[MLflowSink] = set()
-
-
-def _close_all(sinks: list[MLflowSink], timeout: float | None) -> bool:
+def close_sinks(sinks: list[MLflowSink], timeout: float | None) -> bool:
     """Close ``sinks`` at once, under one deadline (see `close_all`)."""
     open_ = [s for s in sinks if s._forwarder is not None]
     forwarders = [s._forwarder for s in open_ if s._forwarder is not None]
@@ -359,52 +352,5 @@ def _close_all(sinks: list[MLflowSink], timeout: float | None) -> bool:
         if sink._replayer is not None:
             limit = sink.settings.close_timeout if timeout is None else timeout
             sink._replayer.join(max(0.0, started + limit - time()))
-        _live_sinks.discard(sink)
+        _process.untrack(sink)
     return done
-
-
-def _close_live_sinks() -> None:
-    """At exit (or on SIGTERM): every sink the user did not close, concurrently."""
-    _close_all(list(_live_sinks), None)
-
-
-def _restart_live_sinks_in_child() -> None:
-    for sink in list(_live_sinks):
-        sink._restart_in_child()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX: Windows does not fork
-    os.register_at_fork(after_in_child=_restart_live_sinks_in_child)
-
-_previous_sigterm: Any = None
-_sigterm_installed = False
-
-
-def _install_sigterm_handler() -> None:
-    """On SIGTERM, close every sink (deliver, or journal, within close_timeout), then do what
-    the process did before: the user's handler, ignoring, or dying of the signal."""
-    global _previous_sigterm, _sigterm_installed
-    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be set from the main thread
-    _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
-    _sigterm_installed = True
-
-
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    log.warning("SIGTERM: closing the MLflow sink(s) before exit", sinks=len(_live_sinks))
-    _close_live_sinks()
-    previous = _previous_sigterm
-    if callable(previous):
-        previous(signum, frame)
-    elif previous != signal.SIG_IGN:  # the default: die of SIGTERM, as without us
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-_register_atexit = getattr(threading, "_register_atexit", None)
-if _register_atexit is not None:
-    _register_atexit(_close_live_sinks)
-else:  # pragma: no cover - every supported CPython has it
-    import atexit
-
-    atexit.register(_close_live_sinks)

@@ -1,0 +1,80 @@
+"""The sinks' place in the host process: closed at exit and on SIGTERM, restarted after fork.
+
+Every live sink (not closed, not a task-mode one) is tracked here. At interpreter exit they
+are closed together, under one deadline, while threads can still be started (Python 3.12
+refuses new threads in plain atexit callbacks; concurrent.futures uses the same hook). The
+SIGTERM handler, if the settings allow it, closes them and then does what the process did
+before. Strong references: a sink dropped without close() still has events in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from ._log import log
+
+if TYPE_CHECKING:
+    from ._sink import MLflowSink
+
+_live_sinks: set[MLflowSink] = set()
+
+
+def track(sink: MLflowSink) -> None:
+    _live_sinks.add(sink)
+
+
+def untrack(sink: MLflowSink) -> None:
+    _live_sinks.discard(sink)
+
+
+def close_live_sinks() -> None:
+    """At exit (or on SIGTERM): every sink the user did not close, concurrently."""
+    from ._sink import close_sinks
+
+    close_sinks(list(_live_sinks), None)
+
+
+def _restart_live_sinks_in_child() -> None:
+    for sink in list(_live_sinks):
+        sink._restart_in_child()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX: Windows does not fork
+    os.register_at_fork(after_in_child=_restart_live_sinks_in_child)
+
+_previous_sigterm: Any = None
+_sigterm_installed = False
+
+
+def install_sigterm_handler() -> None:
+    """On SIGTERM, close every sink (deliver, or journal, within close_timeout), then do what
+    the process did before: the user's handler, ignoring, or dying of the signal."""
+    global _previous_sigterm, _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread
+    _previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    _sigterm_installed = True
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    log.warning("SIGTERM: closing the MLflow sink(s) before exit", sinks=len(_live_sinks))
+    close_live_sinks()
+    previous = _previous_sigterm
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:  # the default: die of SIGTERM, as without us
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_register_atexit = getattr(threading, "_register_atexit", None)
+if _register_atexit is not None:
+    _register_atexit(close_live_sinks)
+else:  # pragma: no cover - every supported CPython has it
+    import atexit
+
+    atexit.register(close_live_sinks)
