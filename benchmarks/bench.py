@@ -36,13 +36,26 @@ RESULTS = HERE / "results"
 WORKLOAD = {
     "floor": (4, 5000),
     "ours": (4, 5000),
+    "ours-4": (4, 5000),
     "raw-1": (4, 5000),
     "raw-4": (4, 5000),
+    "raw-http-1": (4, 5000),
+    "raw-http-4": (4, 5000),
     "mlflow-async-buffered": (4, 500),
     "mlflow-async": (4, 50),
     "seed-sync": (4, 10),
 }
 EMBEDDED = ["floor", "ours", "raw-1"]
+#: The spool's durability levels, on the 4-worker server: the journal's fsync with the default
+#: policy, and the spill file's with a small buffer that spills (``always`` fsyncs each
+#: spilled event in the hook; with ``block`` it costs what ``batch`` costs).
+SPOOL = {
+    "ours": {},
+    "spool-never": {"fsync": "never"},
+    "spool-batch": {"fsync": "batch"},
+    "spill-batch": {"fsync": "batch", "when_full": "spill", "queue_size": 2000},
+    "spill-always": {"fsync": "always", "when_full": "spill", "queue_size": 2000},
+}
 
 
 def run_contender(name: str, uri: str, runs: int, steps: int, **extra: Any) -> dict[str, Any]:
@@ -80,13 +93,27 @@ def median_of(samples: list[dict[str, Any]], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def rounds(uri: str, contenders: list[str], count: int) -> dict[str, list[dict[str, Any]]]:
+def rounds(
+    uri: str,
+    contenders: list[str],
+    count: int,
+    settings: dict[str, dict[str, Any]] | None = None,
+    spool: Path | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """``settings``: a contender name -> our sink's settings (the ``ours`` contender run
+    under that name), each with a spool of its own under ``spool``."""
     samples: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
     for r in range(count):
         order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
         for name in order:
-            runs, steps = WORKLOAD[name]
-            result = run_contender(name, uri, runs, steps)
+            runs, steps = WORKLOAD.get(name, WORKLOAD["ours"])
+            if settings is not None and name in settings:
+                extra = dict(settings[name])
+                if extra and spool is not None:
+                    extra["spool_dir"] = str(spool / f"{name}-{r}")
+                result = run_contender("ours", uri, runs, steps, settings=json.dumps(extra))
+            else:
+                result = run_contender(name, uri, runs, steps)
             samples[name].append(result)
             print(
                 f"  round {r + 1}/{count} {name:<22} "
@@ -105,6 +132,7 @@ def summarize(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, A
             "metrics_per_s": median_of(runs, "metrics_per_s"),
             "delivered_s": median_of(runs, "delivered_s"),
             "peak_rss_mb": median_of(runs, "peak_rss_mb"),
+            "cpu_us_per_metric": median_of(runs, "cpu_us_per_metric"),
             "time_to_first_hook_s": median_of(runs, "time_to_first_hook_s"),
             "all_landed": all(r.get("all_landed", True) for r in runs),
             "rounds": len(runs),
@@ -124,12 +152,14 @@ def print_table(title: str, table: dict[str, dict[str, Any]]) -> None:
     print(f"\n{title}")
     print(
         f"{'contender':<22} {'workload':>9} {'hook med us':>12} {'hook p99 us':>12} "
-        f"{'metrics/s':>10} {'all on server s':>16} {'peak RSS MB':>12} {'landed':>7}"
+        f"{'metrics/s':>10} {'CPU us/metric':>14} {'all on server s':>16} {'peak RSS MB':>12} "
+        f"{'landed':>7}"
     )
     for name, row in table.items():
         print(
             f"{name:<22} {row['workload']:>9} {fmt(row['hook_median_us']):>12} "
             f"{fmt(row['hook_p99_us']):>12} {fmt(row['metrics_per_s']):>10} "
+            f"{fmt(row['cpu_us_per_metric']):>14} "
             f"{fmt(row['delivered_s']):>16} {fmt(row['peak_rss_mb']):>12} "
             f"{'yes' if row['all_landed'] else 'NO':>7}"
         )
@@ -154,6 +184,33 @@ def ratios(table: dict[str, dict[str, Any]]) -> list[tuple[str, float, str, bool
             ours["metrics_per_s"] / ceiling >= 0.9,
         ),
     ]
+    if "raw-http-4" in table and "ours-4" in table:
+        four, one = table["ours-4"]["metrics_per_s"], ours["metrics_per_s"]
+        for what, value, target in (
+            (
+                "4 threads: ours / MlflowClient 4-thread ceiling",
+                four / table["raw-4"]["metrics_per_s"],
+                1.0,
+            ),
+            (
+                "4 threads: ours / raw HTTP 4-thread ceiling",
+                four / table["raw-http-4"]["metrics_per_s"],
+                0.9,
+            ),
+            (
+                "1 thread: ours / MlflowClient 1-thread ceiling",
+                one / table["raw-1"]["metrics_per_s"],
+                1.0,
+            ),
+            (
+                "1 thread: ours / raw HTTP 1-thread ceiling",
+                one / table["raw-http-1"]["metrics_per_s"],
+                1.0,
+            ),
+        ):
+            checks.append((what, value, f">= {target}", value >= target))
+        cpu = ours["cpu_us_per_metric"] / table["raw-http-1"]["cpu_us_per_metric"]
+        checks.append(("CPU per metric: ours / raw HTTP (1 thread)", cpu, "<= 2", cpu <= 2))
     if "mlflow-async" in table:
         cheaper = table["mlflow-async"]["hook_median_us"] / ours["hook_median_us"]
         checks.append(("mlflow async hook / our hook", cheaper, ">= 300", cheaper >= 300))
@@ -299,6 +356,11 @@ def main() -> None:
                 results["stores"][label] = table
                 results["ratios"][label] = ratios(table)
                 if workers == 4:
+                    print("  the spool's fsync levels", flush=True)
+                    spool = summarize(
+                        rounds(server.url, list(SPOOL), args.rounds, SPOOL, Path(tmp) / "spools")
+                    )
+                    results["spool"] = spool
                     print("  stall: server stopped while the loop runs", flush=True)
                     results["stall"] = stall(server, args.stall)
                     print("  flush at shutdown of a long run", flush=True)
@@ -317,6 +379,10 @@ def main() -> None:
     for label, table in results["stores"].items():
         print_table(f"{label} (medians of {args.rounds} rounds)", table)
         print_ratios(results["ratios"][label])
+    if "spool" in results:
+        print_table(
+            f"the spool, server-4-workers (medians of {args.rounds} rounds)", results["spool"]
+        )
     if "stall" not in results:
         return
     s = results["stall"]

@@ -54,9 +54,16 @@ class Loop:
         self.totals = totals
 
 
-def figures(loop: Loop, started: float, done: float, metrics: int) -> dict[str, Any]:
+def figures(
+    loop: Loop, started: float, done: float, metrics: int, cpu_started: float | None = None
+) -> dict[str, Any]:
+    """``cpu_started``: the process's CPU time (all threads) when the clock started; the CPU
+    per metric is what the trial cost this process, hooks, worker and client included."""
+    cpu = time.process_time() - cpu_started if cpu_started is not None else None
     ordered = sorted(loop.step_ns)
     return {
+        "cpu_s": cpu,
+        "cpu_us_per_metric": cpu / metrics * 1e6 if cpu is not None and metrics else None,
         "hook_median_us": statistics.median(ordered) / 1000 if ordered else None,
         "hook_p99_us": ordered[int(len(ordered) * 0.99)] / 1000 if ordered else None,
         "loop_s": sum(ordered) / 1e9,
@@ -98,10 +105,30 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
         )
     first_hook = time.perf_counter() - t0  # mlflow is imported by the worker, not here
     sink.flush(timeout=120)  # like the raw ceiling, start the clock once the runs exist
-    started = time.perf_counter()
-    loop.drive(
-        lambda r, run_id, event, total: sink.on_step(run_id, event=event, cumulative_reward=total)
-    )
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if args.threads == 1:
+        loop.drive(
+            lambda r, run_id, event, total: sink.on_step(
+                run_id, event=event, cumulative_reward=total
+            )
+        )
+    else:  # one run per producer thread, all sharing the sink
+        loops = [Loop(1, args.steps, f"ours-{r}") for r in range(args.runs)]
+        for r, one in enumerate(loops):
+            one.run_ids = [loop.run_ids[r]]
+        with ThreadPoolExecutor(args.threads) as pool:
+            list(
+                pool.map(
+                    lambda one: one.drive(
+                        lambda r, run_id, event, total: sink.on_step(
+                            run_id, event=event, cumulative_reward=total
+                        )
+                    ),
+                    loops,
+                )
+            )
+        loop.step_ns = [ns for one in loops for ns in one.step_ns]
+        loop.totals = [one.totals[0] for one in loops]
     for r, run_id in enumerate(loop.run_ids):
         sink.on_run_end(
             run_id,
@@ -112,7 +139,7 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     closed = sink.close(timeout=900)
     done = time.perf_counter()
     status = sink.status()
-    out = figures(loop, started, done, 2 * args.runs * args.steps)
+    out = figures(loop, started, done, 2 * args.runs * args.steps, cpu_started)
     out.update(
         time_to_first_hook_s=first_hook,
         flush_after_loop_s=done - looped,
@@ -186,6 +213,7 @@ def run_raw(args: argparse.Namespace, threads: int) -> dict[str, Any]:
             params=[Param(k, str(v)) for k, v in {**PARAMS, "max_steps": args.steps}.items()],
         )
     started = time.perf_counter()  # building the entities is part of logging them
+    cpu_started = time.process_time()
     now = int(time.time() * 1000)
     batches: list[tuple[int, list[Metric]]] = []
     for r in range(args.runs):
@@ -200,7 +228,74 @@ def run_raw(args: argparse.Namespace, threads: int) -> dict[str, Any]:
         client.log_batch(mlflow_id, metrics=[Metric("total_reward", 1.0, now, 0)])
         client.set_terminated(mlflow_id)
     loop = Loop(0, 0, "raw")
-    return figures(loop, started, time.perf_counter(), 2 * args.runs * args.steps)
+    return figures(loop, started, time.perf_counter(), 2 * args.runs * args.steps, cpu_started)
+
+
+def run_raw_http(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """The wire's ceiling: the same 1,000-metric batches serialised to JSON before the clock
+    starts, then POSTed straight to /api/2.0/mlflow/runs/log-batch from ``threads`` threads
+    over kept-alive connections. Only sending is inside the clock."""
+    import threading
+
+    import requests
+    from mlflow import MlflowClient
+
+    client = MlflowClient(args.uri)
+    experiment = client.get_experiment_by_name(args.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(args.experiment)
+    )
+    ids = []
+    for r in range(args.runs):
+        run = client.create_run(
+            experiment_id,
+            run_name=f"rawhttp-{r}",
+            tags={"run_id": f"rawhttp-{r}", "component": "rlm-code-rlm"},
+        )
+        ids.append(run.info.run_id)
+    now = int(time.time() * 1000)
+    bodies: list[bytes] = []
+    for r in range(args.runs):
+        rows = []
+        for step in range(args.steps):
+            rows.append(
+                {
+                    "key": "step_reward",
+                    "value": reward(r, step),
+                    "timestamp": now + step,
+                    "step": step,
+                }
+            )
+            rows.append(
+                {
+                    "key": "cumulative_reward",
+                    "value": float(step),
+                    "timestamp": now + step,
+                    "step": step,
+                }
+            )
+        for i in range(0, len(rows), 1000):
+            bodies.append(json.dumps({"run_id": ids[r], "metrics": rows[i : i + 1000]}).encode())
+    url = args.uri.rstrip("/") + "/api/2.0/mlflow/runs/log-batch"
+    local = threading.local()
+
+    def post(body: bytes) -> None:
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = requests.Session()
+        response = session.post(url, data=body, headers={"Content-Type": "application/json"})
+        response.raise_for_status()
+
+    started, cpu_started = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(post, bodies))
+    done = time.perf_counter()
+    out = figures(Loop(0, 0, "rawhttp"), started, done, 2 * args.runs * args.steps, cpu_started)
+    for mlflow_id in ids:
+        client.set_terminated(mlflow_id)
+    return out
 
 
 def run_stall(args: argparse.Namespace) -> dict[str, Any]:
@@ -269,8 +364,11 @@ CONTENDERS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str 
     "seed-sync": (lambda a: run_fluent(a, "seed", synchronous=True), "seed"),
     "mlflow-async": (lambda a: run_fluent(a, "async", synchronous=False), "async"),
     "mlflow-async-buffered": (lambda a: run_fluent(a, "async", synchronous=False), "async"),
+    "ours-4": (run_ours, "ours"),
     "raw-1": (lambda a: run_raw(a, 1), "raw"),
     "raw-4": (lambda a: run_raw(a, 4), "raw"),
+    "raw-http-1": (lambda a: run_raw_http(a, 1), "rawhttp"),
+    "raw-http-4": (lambda a: run_raw_http(a, 4), "rawhttp"),
     "stall": (run_stall, None),
 }
 
@@ -284,8 +382,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--settings", default="{}", help="JSON of MLflowSink settings")
+    parser.add_argument("--threads", type=int, default=None, help="producer threads (ours)")
     parser.add_argument("--no-verify", action="store_true")
     args = parser.parse_args()
+    if args.threads is None:
+        args.threads = 4 if args.name == "ours-4" else 1
     contender, prefix = CONTENDERS[args.name]
     out = contender(args)
     if prefix is not None and not args.no_verify:

@@ -173,9 +173,8 @@ class Buffer:
     def drain(self, limit: int) -> list[Event]:
         """Take up to ``limit`` events, oldest first, and let blocked producers in."""
         queue = self._queue
-        items: list[Event] = []
-        while queue and len(items) < limit:
-            items.append(queue.popleft())
+        popleft = queue.popleft
+        items: list[Event] = [popleft() for _ in range(min(limit, len(queue)))]
         overflow = self._overflow
         if overflow is not None and len(overflow) and len(items) < limit and not queue:
             with self._room:  # the memory part is older than all of the overflow

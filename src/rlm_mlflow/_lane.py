@@ -60,8 +60,8 @@ class Sending:
 
 @dataclass(eq=False)
 class Lane:
-    """One run on its way to MLflow. The worker's loop fills ``pending`` and counts
-    ``enqueued``/``completed``; the lane's task sends."""
+    """One run on its way to MLflow. The worker's loop fills ``pending``; the lane's task
+    takes it as a batch (``sending``) and counts it ``completed`` once sent."""
 
     start: RunStart
     parent: Lane | None
@@ -70,8 +70,8 @@ class Lane:
     start_error: BaseException | None = None
     seen_steps: set[int] = field(default_factory=set)
     pending: list[Event] = field(default_factory=list)
+    boundaries: int = 0  # starts and ends in ``pending``
     sending: list[Event] = field(default_factory=list)  # the batch its task is sending
-    enqueued: int = 0
     completed: int = 0  # advanced only when a whole batch of pending events is done
     finished: int = 0  # events of this lane counted in Stats (see Outcomes.tally)
     running: bool = False
@@ -82,14 +82,23 @@ class Lane:
     def run_id(self) -> str:
         return self.start.run_id
 
-    async def send(self, batch: list[Event], s: Sending) -> None:
-        """One batch of this run's events, in order: steps between boundaries go together."""
+    @property
+    def enqueued(self) -> int:
+        """Events ever given to this lane (a flush waits until ``completed`` reaches it)."""
+        return self.completed + len(self.sending) + len(self.pending)
+
+    async def send(self, batch: list[Event], s: Sending, boundaries: int) -> None:
+        """One batch of this run's events, in order: steps between boundaries go together.
+        ``boundaries``: how many starts and ends it holds (none, most of the time)."""
         if self.recreate:
             self.recreate = False
             await self.create(s, counted=False)
+        if not boundaries:
+            await self._send_steps(batch, s)  # type: ignore[arg-type]
+            return
         steps: list[Step] = []
         for event in batch:
-            if isinstance(event, Step):
+            if event.__class__ is Step:
                 steps.append(event)
                 continue
             await self._send_steps(steps, s)
@@ -140,14 +149,16 @@ class Lane:
 
     async def _send_steps(self, steps: list[Step], s: Sending) -> None:
         rows: list[payload.MetricRow] = []
-        for event in steps:
-            if event.step in self.seen_steps:
-                s.outcomes.reject(
-                    event, f"step {event.step} repeated (the first one was kept)", self
-                )
+        seen, append = self.seen_steps, rows.append
+        for event in steps:  # per step: kept short, it is most of what the worker does
+            _, step, reward, cumulative, at = event
+            if step in seen:
+                s.outcomes.reject(event, f"step {step} repeated (the first one was kept)", self)
                 continue
-            self.seen_steps.add(event.step)
-            rows.extend(payload.admitted_step_rows(event))
+            seen.add(step)
+            ts = int(at * 1000)  # payload.timestamp_ms, inline
+            append(("step_reward", reward, ts, step))
+            append(("cumulative_reward", cumulative, ts, step))
         if not rows:
             return
         if self.mlflow_id is None:

@@ -66,10 +66,12 @@ def admit(event: RunEvent) -> tuple[RunEvent, list[str]]:
     journal, MLflow): returns the event with every value checked and made plain (str run id,
     int step, float values, string params, str run path), and what was left out of it and
     why; raises BadInput for an event that cannot be logged at all."""
+    if type(event) is Step and is_plain_step(event):
+        return event, []
     run_id = as_run_id(event.run_id)
     if isinstance(event, Step):
-        reward, cumulative = step_rows(event)
-        return Step(run_id, reward[3], reward[1], cumulative[1], float(event.time)), []
+        reward_row, cumulative_row = step_rows(event)
+        return Step(run_id, reward_row[3], reward_row[1], cumulative_row[1], float(event.time)), []
     if isinstance(event, RunStart):
         params, skipped = clean_params(event)
         return RunStart(
@@ -100,6 +102,23 @@ def admit(event: RunEvent) -> tuple[RunEvent, list[str]]:
         run_path,
         event.status,
     ), problems
+
+
+def is_plain_step(event: Step) -> bool:
+    """The common case, cheaply: a step already plain and finite (``x - x`` is NaN for an
+    infinite or NaN ``x``). Its run id is checked for storability at the run's start: a step
+    names an open run, or it is rejected as such."""
+    run_id, step, reward, cumulative = event[0], event[1], event[2], event[3]
+    return (
+        type(run_id) is str
+        and type(step) is int
+        and type(reward) is float
+        and type(cumulative) is float
+        and 0 <= step <= MAX_STEP
+        and reward - reward == 0.0
+        and cumulative - cumulative == 0.0
+        and run_id != ""
+    )
 
 
 def as_run_id(value: Any) -> str:
@@ -166,15 +185,6 @@ def step_rows(event: Step) -> tuple[MetricRow, MetricRow]:
             ts,
             step,
         ),
-    )
-
-
-def admitted_step_rows(event: Step) -> tuple[MetricRow, MetricRow]:
-    """`step_rows` of an admitted step (its values already checked and made plain)."""
-    ts = int(event.time * 1000)
-    return (
-        ("step_reward", event.reward, ts, event.step),
-        ("cumulative_reward", event.cumulative_reward, ts, event.step),
     )
 
 

@@ -155,9 +155,12 @@ class MLflowSink:
         buffer = self._buffer
         if buffer is None:
             return
-        try:
+        try:  # tuple.__new__ straight: the NamedTuple's own __new__ is one more Python call
             buffer.put(
-                Step(run_id, event.get("step"), event.get("reward"), cumulative_reward, time())
+                _new(
+                    Step,
+                    (run_id, event.get("step"), event.get("reward"), cumulative_reward, time()),
+                )
             )
         except Exception as exc:
             self._hook_failed("on_step", run_id, exc)
@@ -308,6 +311,9 @@ def _dead_letter_path(settings: Settings) -> Path:
     if settings.spool_dir:
         return Path(settings.spool_dir) / "dead-letter.jsonl"
     return Path("rlm-mlflow-dead-letter.jsonl").absolute()
+
+
+_new = tuple.__new__
 
 
 def _field(result: Any, name: str, default: Any) -> Any:
