@@ -17,7 +17,7 @@ install: $(STAMP)
 # The main job: a synthetic RLM benchmark loop reporting to ./mlflow.db (no server needed).
 run: $(STAMP)
 	$(VENV)/bin/rlm-mlflow run --task "Create a DSPy signature" --environment dspy \
-		--steps 2000 --runs 2 --depth 1
+		--steps 2000 --runs 2 --depth 1 --traces true
 
 # The MLflow UI on what `make run` wrote: http://127.0.0.1:5000
 ui: $(STAMP)

@@ -102,6 +102,7 @@ def test_segments_before_the_acknowledged_one_are_deleted(tmp_path: Path, monkey
 
 plain_text = st.text(max_size=20)
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | plain_text
+extras = st.none() | st.dictionaries(plain_text, scalars, max_size=3)
 step_events = st.builds(
     Step,
     plain_text,
@@ -109,6 +110,7 @@ step_events = st.builds(
     st.floats(allow_nan=False),
     st.floats(allow_nan=False),
     st.floats(0, 2e9),
+    extra=extras,
 )
 start_events = st.builds(
     RunStart,
@@ -118,6 +120,7 @@ start_events = st.builds(
     st.integers(0, 10**9),
     st.dictionaries(plain_text, scalars, max_size=4),
     plain_text,
+    extra=extras,
 )
 end_events = st.builds(
     RunEnd,
@@ -128,6 +131,7 @@ end_events = st.builds(
     st.floats(allow_nan=False) | st.none(),
     plain_text | st.none(),
     st.sampled_from(["FINISHED", "KILLED"]),
+    extra=extras,
 )
 records = st.lists(
     st.lists(step_events | start_events | end_events, min_size=1, max_size=4),

@@ -2,7 +2,8 @@
 
 Everything an event carries is captured when the hook is called (invariant 2 of DESIGN.md):
 the wall-clock time, the step and the values. Validation happens later, in the worker, so the
-hot path stays a tuple and an append.
+hot path stays a tuple and an append. ``extra`` is what the trajectory (traces, token usage)
+needs beyond the metrics: references taken in the hook, made plain by the worker.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class RunStart(NamedTuple):
     task_chars: int | None  # len(task); None when the task has no length
     params: dict[str, Any]  # a shallow copy taken in the hook
     key: str  # unique per start: a replay finds the run it already created by this tag
+    extra: Any = None  # with traces: {"task": the task text}
 
 
 class Step(NamedTuple):
@@ -26,6 +28,7 @@ class Step(NamedTuple):
     reward: Any  # validated by the worker: a finite real number
     cumulative_reward: Any
     time: float
+    extra: Any = None  # the step's ``usage``; with traces, a shallow copy of the whole event
 
 
 class RunEnd(NamedTuple):
@@ -36,6 +39,7 @@ class RunEnd(NamedTuple):
     total_reward: Any
     run_path: Any  # str | os.PathLike | None
     status: str = "FINISHED"  # KILLED when the sink ends a run the caller never ended
+    extra: Any = None  # {"usage_summary": ..., "final_response": ...} when the result has them
 
 
 class Marker:

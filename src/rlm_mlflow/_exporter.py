@@ -65,6 +65,10 @@ class Unreachable(ConnectionError):
     """The request did not get an answer (refused, reset, timed out)."""
 
 
+class TracesUnsupported(Exception):
+    """The tracking store takes no traces (a file store, a server without the endpoint)."""
+
+
 class ExperimentDeleted(Exception):
     """The experiment exists in MLflow, deleted: nothing can be logged to it."""
 
@@ -107,6 +111,11 @@ class Exporter(Protocol):
     def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None: ...
     def set_terminated(self, run_id: str, status: str, end_ms: int) -> None: ...
     def log_path(self, run_id: str, path: str) -> None: ...
+    def log_spans(self, run_id: str, spans: Sequence[dict[str, Any]], link: bool) -> None:
+        """Spans in OTLP/JSON form (`_spans`); ``link``: the batch ends a trace, which then
+        shows in the run's Traces tab. TracesUnsupported where the store takes none."""
+        ...
+
     def experiment_state(self) -> str: ...
 
 
@@ -237,3 +246,6 @@ class Connection:
 
     async def experiment_state(self) -> str:
         return await self.call(self.exporter.experiment_state)
+
+    async def log_spans(self, run_id: str, spans: Sequence[dict[str, Any]], link: bool) -> None:
+        await self.call(self.exporter.log_spans, run_id, spans, link)

@@ -18,12 +18,16 @@ from typing import Any, TypeVar
 import anyio
 
 from . import _payload as payload
+from . import _spans as spans_
 from ._event import Event, RunEnd, RunStart, Step
-from ._exporter import Connection, is_transient
+from ._exporter import Connection, TracesUnsupported, is_transient
 from ._log import log
 from ._outcomes import Outcomes
 
 U = TypeVar("U")
+Span = dict[str, Any]
+#: Step spans per request to the tracking store.
+SPANS_PER_CALL = 200
 
 
 @dataclass
@@ -35,6 +39,21 @@ class Sending:
     replaying: bool  # a run may already exist: look it up by its key first
     connection: Connection | None = None  # set once connected
     unended: set[Lane] = field(default_factory=set)  # created in MLflow, not yet terminated
+    traces: bool = False  # the traces setting
+    max_spans: int = 2000
+    traces_unavailable: str | None = None  # why the store takes no traces (status' traces)
+
+    def traces_on(self) -> bool:
+        return self.traces and self.traces_unavailable is None
+
+    def traces_refused(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says the store takes no traces at all (then: metrics only)."""
+        if not isinstance(exc, TracesUnsupported):
+            return False
+        if self.traces_unavailable is None:
+            self.traces_unavailable = f"unavailable: {exc}"
+            log.warning("the tracking store takes no traces; sending metrics only", reason=str(exc))
+        return True
 
     def ready(self) -> Connection:
         assert self.connection is not None, "lanes send only once connected"
@@ -77,6 +96,16 @@ class Lane:
     running: bool = False
     terminated: bool = False
     recreate: bool = False  # its start was lost in a crash of the loop: create it again
+    # The trajectory: where the last step ended, the tokens so far (prompt, completion,
+    # calls), the step spans sent and not, and the child runs started since the last step.
+    last_time: float = 0.0
+    tokens: list[int] = field(default_factory=lambda: [0, 0, 0])
+    traced: int = 0
+    untraced: int = 0
+    children: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.last_time = self.start.time
 
     @property
     def run_id(self) -> str:
@@ -148,10 +177,14 @@ class Lane:
             s.outcomes.tally(self, "delivered", events)
 
     async def _send_steps(self, steps: list[Step], s: Sending) -> None:
+        """Steps' metrics (and token counts, and spans with traces on), then each step counted
+        once: delivered if all of it landed, else by what kept a part of it out."""
         rows: list[payload.MetricRow] = []
+        tokens: list[payload.MetricRow] = []
+        spans: list[tuple[int, Span]] = []
         seen, append = self.seen_steps, rows.append
         for event in steps:  # per step: kept short, it is most of what the worker does
-            _, step, reward, cumulative, at = event
+            _, step, reward, cumulative, at, extra = event
             if step in seen:
                 s.outcomes.reject(event, f"step {step} repeated (the first one was kept)", self)
                 continue
@@ -159,30 +192,98 @@ class Lane:
             ts = int(at * 1000)  # payload.timestamp_ms, inline
             append(("step_reward", reward, ts, step))
             append(("cumulative_reward", cumulative, ts, step))
+            if extra is not None:
+                self._trajectory(step, reward, cumulative, at, ts, extra, tokens, spans, s)
+            self.last_time = at
         if not rows:
             return
+        counted = len(rows) // 2
         if self.mlflow_id is None:
             assert self.start_error is not None
             await s.outcomes.undeliverable(
-                len(rows) // 2, self, "log_batch", self.start_error, metric_dicts(rows)
+                counted, self, "log_batch", self.start_error, metric_dicts(rows)
             )
             return
+        lost: dict[int, Exception] = {}  # step -> why (a step is lost if a part of it is)
         async with anyio.create_task_group() as tg:
             for part in payload.step_batches(rows, s.batch_size):
-                tg.start_soon(self._send_rows, part, s)
+                tg.start_soon(self._send_rows, part, lost, s)
+            for part in payload.step_batches(tokens, s.batch_size):
+                tg.start_soon(self._send_rows, part, lost, s)
+            for start in range(0, len(spans), SPANS_PER_CALL):
+                tg.start_soon(self._send_spans, spans[start : start + SPANS_PER_CALL], lost, s)
+        for exc in lost.values():
+            s.outcomes.failed_call(self, exc)
+        s.outcomes.tally(self, "delivered", counted - len(lost))
 
-    async def _send_rows(self, rows: list[payload.MetricRow], s: Sending) -> None:
+    def _trajectory(
+        self,
+        step: int,
+        reward: float,
+        cumulative: float,
+        at: float,
+        ts: int,
+        extra: dict[str, Any],
+        tokens: list[payload.MetricRow],
+        spans: list[tuple[int, Span]],
+        s: Sending,
+    ) -> None:
+        """A step's token counts (cumulative, as metrics) and, with traces, its span."""
+        usage = extra.get("usage")
+        if usage is not None:
+            total = self.tokens
+            for i in range(3):
+                total[i] += usage[i]
+            tokens.append(("prompt_tokens", float(total[0]), ts, step))
+            tokens.append(("completion_tokens", float(total[1]), ts, step))
+        detail = extra.get("span")
+        if detail is None or not s.traces_on():
+            return
+        if self.traced >= s.max_spans:
+            self.untraced += 1  # counted on the run's span: the UI wants few, not all
+            return
+        self.traced += 1
+        span = spans_.step_span(
+            self.start.key,
+            step,
+            self.last_time,
+            at,
+            reward,
+            cumulative,
+            detail,
+            usage,
+            self.children,
+        )
+        self.children = []
+        spans.append((step, span))
+
+    async def _send_rows(
+        self, rows: list[payload.MetricRow], lost: dict[int, Exception], s: Sending
+    ) -> None:
         """One log_batch of step metrics; a refused one is bisected down to single metrics."""
         mlflow_id, connection = self.mlflow_id, s.ready()
         assert mlflow_id is not None
         failures = await s.bisect(rows, lambda part: connection.log_metrics(mlflow_id, part))
-        lost: dict[int, Exception] = {}  # step -> why (an event is lost if either metric is)
         for part, exc in failures:
             await s.outcomes.undeliverable(0, self, "log_batch", exc, metric_dicts(part))
             lost.update((row[3], exc) for row in part)
-        for exc in lost.values():
-            s.outcomes.failed_call(self, exc)
-        s.outcomes.tally(self, "delivered", len(rows) // len(payload.STEP_METRICS) - len(lost))
+
+    async def _send_spans(
+        self, spans: list[tuple[int, Span]], lost: dict[int, Exception], s: Sending
+    ) -> None:
+        """Step spans to the run's trace; where MLflow takes no traces, the sink goes on
+        without (said once, and in status())."""
+        mlflow_id, connection = self.mlflow_id, s.ready()
+        assert mlflow_id is not None
+        failures = await s.bisect(
+            spans, lambda part: connection.log_spans(mlflow_id, [sp for _, sp in part], False)
+        )
+        for part, exc in failures:
+            if s.traces_refused(exc):
+                s.outcomes.stats.skipped += len(part)
+                continue
+            await s.outcomes.undeliverable(0, self, "log_spans", exc, [sp for _, sp in part])
+            lost.update((step, exc) for step, _ in part)
 
     async def end(self, event: RunEnd, s: Sending, upload: bool = True) -> None:
         """Summary, artifact, then terminate; ``upload`` is off in the close's last attempt."""
@@ -194,6 +295,8 @@ class Lane:
             return
         connection, mlflow_id = s.ready(), self.mlflow_id
         failed: list[Exception] = []
+        if s.traces_on():  # the run's span: the trace gets its outputs and its link
+            failed.extend(await self._send_root(event, s))
         if event.status == "FINISHED":
             rows = payload.admitted_summary_rows(event)
             for part, error in await s.bisect(
@@ -224,6 +327,38 @@ class Lane:
             s.outcomes.failed_call(self, failed[-1], events)
         else:
             s.outcomes.tally(self, "delivered", events)
+
+    async def _send_root(self, event: RunEnd, s: Sending) -> list[Exception]:
+        start, extra = self.start, event.extra or {}
+        task = (start.extra or {}).get("task")
+        inputs = {"task": task, "environment": start.environment, "params": start.params}
+        outputs: dict[str, Any] = {"completed": bool(event.completed)}
+        if event.total_reward is not None:
+            outputs["total_reward"] = event.total_reward
+        if extra.get("final_response") is not None:
+            outputs["final_response"] = extra["final_response"]
+        parent = (self.parent.run_id, self.parent.start.key) if self.parent else None
+        root = spans_.root_span(
+            start.key,
+            self.run_id,
+            start.time,
+            event.time,
+            {k: v for k, v in inputs.items() if v is not None},
+            outputs,
+            self.untraced,
+            parent,
+            ok=event.status == "FINISHED",
+        )
+        assert self.mlflow_id is not None
+        try:
+            await s.ready().log_spans(self.mlflow_id, [root], True)
+        except Exception as exc:
+            if s.traces_refused(exc):
+                s.outcomes.stats.skipped += 1
+                return []
+            await s.outcomes.undeliverable(0, self, "log_spans", exc, [root])
+            return [exc]
+        return []
 
     async def _upload(self, event: RunEnd, s: Sending) -> list[Exception]:
         path = event.run_path

@@ -7,9 +7,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ._exporter import ExperimentDeleted, key_filter
+from ._exporter import ExperimentDeleted, TracesUnsupported, key_filter
 from ._log import log
 from ._payload import MetricRow
+from ._spans import otlp_request
 
 
 class MlflowClientExporter:
@@ -85,3 +86,43 @@ class MlflowClientExporter:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
                 return "missing"
             raise
+
+    def log_spans(self, run_id: str, spans: Sequence[dict[str, Any]], link: bool) -> None:
+        """Into the store as the server's ``/v1/traces`` puts them: OTLP spans made MLflow
+        spans by MLflow's own ``Span.from_otel_proto``, then ``log_spans`` of the store; with
+        ``link``, the traces the batch completes are linked to the run."""
+        from google.protobuf.json_format import ParseDict
+        from mlflow.entities.span import Span as MlflowSpan
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        request = ParseDict(_base64_ids(otlp_request(spans)), ExportTraceServiceRequest())
+        mlflow_spans = [
+            MlflowSpan.from_otel_proto(span)
+            for resource in request.resource_spans
+            for scope in resource.scope_spans
+            for span in scope.spans
+        ]
+        store = self._client._tracking_client.store  # what MlflowClient itself writes to
+        try:
+            store.log_spans(self.experiment_id, mlflow_spans)
+        except NotImplementedError as exc:
+            raise TracesUnsupported(f"{type(store).__name__} stores no spans") from exc
+        if link:
+            roots = [s.trace_id for s in mlflow_spans if s.parent_id is None]
+            if roots:
+                store.link_traces_to_run(roots, run_id)
+
+
+def _base64_ids(request: dict[str, Any]) -> dict[str, Any]:
+    """OTLP/JSON carries ids in hex; protobuf's JSON mapping of bytes is base64."""
+    import base64
+
+    for resource in request["resourceSpans"]:
+        for scope in resource["scopeSpans"]:
+            for span in scope["spans"]:
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if span.get(key):
+                        span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
+    return request

@@ -18,6 +18,7 @@ import reprlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from . import _spans as spans
 from ._event import RunEnd, RunEvent, RunStart, Step
 
 MetricRow = tuple[str, float, int, int]
@@ -61,17 +62,20 @@ def encodable(text: str) -> bool:
     return True
 
 
-def admit(event: RunEvent) -> tuple[RunEvent, list[str]]:
+def admit(event: RunEvent, text_limit: int = 4096) -> tuple[RunEvent, list[str]]:
     """The one gate between the hooks and everything after them (routing by run id, the
     journal, MLflow): returns the event with every value checked and made plain (str run id,
-    int step, float values, string params, str run path), and what was left out of it and
-    why; raises BadInput for an event that cannot be logged at all."""
+    int step, float values, string params, str run path, the trajectory's extra as plain
+    data with its texts cut at ``text_limit``), and what was left out of it and why; raises
+    BadInput for an event that cannot be logged at all."""
     if type(event) is Step and is_plain_step(event):
         return event, []
     run_id = as_run_id(event.run_id)
     if isinstance(event, Step):
         reward_row, cumulative_row = step_rows(event)
-        return Step(run_id, reward_row[3], reward_row[1], cumulative_row[1], float(event.time)), []
+        extra = _extra(spans.step_extra, event.extra, text_limit)
+        step, reward, cumulative = reward_row[3], reward_row[1], cumulative_row[1]
+        return Step(run_id, step, reward, cumulative, float(event.time), extra), []
     if isinstance(event, RunStart):
         params, skipped = clean_params(event)
         return RunStart(
@@ -81,6 +85,7 @@ def admit(event: RunEvent) -> tuple[RunEvent, list[str]]:
             event.task_chars if type(event.task_chars) is int else -1,
             params,
             str(event.key),
+            _extra(spans.start_extra, event.extra, text_limit),
         ), [f"param {key!r}: {why}" for key, why in skipped.items()]
     rows, problems = summary_rows(event)
     summary = {key: value for key, value, _, _ in rows}
@@ -101,16 +106,27 @@ def admit(event: RunEvent) -> tuple[RunEvent, list[str]]:
         summary.get("total_reward"),
         run_path,
         event.status,
+        _extra(spans.end_extra, event.extra, text_limit),
     ), problems
+
+
+def _extra(plain: Any, extra: Any, limit: int) -> Any:
+    """The trajectory's part of an event made plain; nothing (never an error) if it cannot
+    be: a step with an odd ``action`` is still a point of the curve."""
+    try:
+        return plain(extra, limit)
+    except Exception:
+        return None
 
 
 def is_plain_step(event: Step) -> bool:
     """The common case, cheaply: a step already plain and finite (``x - x`` is NaN for an
-    infinite or NaN ``x``). Its run id is checked for storability at the run's start: a step
-    names an open run, or it is rejected as such."""
+    infinite or NaN ``x``), with nothing for the trajectory. Its run id is checked for
+    storability at the run's start: a step names an open run, or it is rejected as such."""
     run_id, step, reward, cumulative = event[0], event[1], event[2], event[3]
     return (
-        type(run_id) is str
+        event[5] is None
+        and type(run_id) is str
         and type(step) is int
         and type(reward) is float
         and type(cumulative) is float
@@ -230,7 +246,15 @@ def admitted_summary_rows(event: RunEnd) -> list[MetricRow]:
     for key, value in (("steps", event.steps), ("total_reward", event.total_reward)):
         if value is not None:
             rows.append((key, float(value), ts, 0))
+    usage = (event.extra or {}).get("usage")
+    if usage is not None:  # rlm-code's usage_summary of the run
+        for key, number in zip(TOKEN_SUMMARY, usage, strict=True):
+            rows.append((key, float(number), ts, 0))
     return rows
+
+
+#: The run's token usage at its end, from rlm-code's ``usage_summary``.
+TOKEN_SUMMARY = ("total_prompt_tokens", "total_completion_tokens", "llm_calls")
 
 
 def key_problem(key: Any) -> str | None:

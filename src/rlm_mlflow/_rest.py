@@ -26,9 +26,18 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from ._exporter import API, MAX_RETRY_AFTER, ExperimentDeleted, HttpError, Unreachable, key_filter
+from ._exporter import (
+    API,
+    MAX_RETRY_AFTER,
+    ExperimentDeleted,
+    HttpError,
+    TracesUnsupported,
+    Unreachable,
+    key_filter,
+)
 from ._log import log
 from ._payload import MetricRow
+from ._spans import otlp_request
 
 _JSON = {"Content-Type": "application/json"}
 #: Seconds the headers, auth and TLS settings of the fast path are reused before worked out anew.
@@ -77,6 +86,7 @@ class RestExporter:
         *,
         data: Any = None,
         json_body: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """One request, no inner retries (ours are around it), our timeout. ``data`` goes as
         it is (JSON already when ``json_body``); ``body`` is sent as JSON, or as the query of
@@ -93,6 +103,8 @@ class RestExporter:
         else:
             kwargs["data"] = json.dumps(body, separators=(",", ":"))
             kwargs["extra_headers"] = _JSON
+        if headers:
+            kwargs["extra_headers"] = {**kwargs.get("extra_headers", {}), **headers}
         try:
             response = self._http_request(
                 self._host_creds(),
@@ -256,6 +268,20 @@ class RestExporter:
     def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
         body = {"run_id": run_id, "status": status, "end_time": end_ms}
         self._request("POST", f"{API}/runs/update", body)
+
+    def log_spans(self, run_id: str, spans: Sequence[dict[str, Any]], link: bool) -> None:
+        """OTLP/JSON to the server's ``/v1/traces``; with ``link``, the run's id in the
+        header that makes the server link the traces the batch completes to the run."""
+        headers = {"x-mlflow-experiment-id": self.experiment_id}
+        if link:
+            headers["x-mlflow-run-id"] = run_id
+        body = json.dumps(otlp_request(spans), separators=(",", ":")).encode()
+        try:
+            self._request("POST", "/v1/traces", data=body, json_body=True, headers=headers)
+        except HttpError as exc:
+            if exc.status in (404, 405, 501):
+                raise TracesUnsupported(f"{exc.status} from /v1/traces") from exc
+            raise
 
     def experiment_state(self) -> str:
         try:

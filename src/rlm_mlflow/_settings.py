@@ -77,6 +77,17 @@ class Settings:
         "On SIGTERM, close every sink (deliver or journal within close_timeout), then do what "
         "the process did before. Off: the sink installs no signal handler.",
     )
+    traces: bool = _setting(
+        False,
+        "Send each run's trajectory as an MLflow trace in its Traces tab: a span per step with "
+        "its code, output, reward and tokens.",
+    )
+    trace_text_limit: int = _setting(
+        4096, "Characters kept of each text in a span's inputs and outputs (the rest is cut)."
+    )
+    trace_max_spans: int = _setting(
+        2000, "Step spans per trace; later steps are only counted on the run's span."
+    )
     restore_deleted_experiment: bool = _setting(
         False,
         "Restore the experiment when it was deleted in MLflow (else the sink reports it "

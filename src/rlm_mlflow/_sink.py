@@ -82,6 +82,8 @@ class MLflowSink:
             )
             return
         self.dead_letters = DeadLetters(_dead_letter_path(self.settings))
+        if self.settings.traces:  # the hot path stays one function, without a test of the mode
+            self.on_step = self._on_step_traced  # type: ignore[method-assign]
         self._start_forwarder(replay_orphans=True)
         if not self._task_mode:  # a task-mode sink's life is its `async with` block
             _process.track(self)
@@ -145,8 +147,11 @@ class MLflowSink:
         if buffer is None:
             return
         try:  # a run's start is never dropped for room: its whole run hangs on it
+            extra = {"task": task} if self.settings.traces else None
             buffer.put_boundary(
-                RunStart(run_id, time(), environment, _chars(task), _copy(params), uuid4().hex)
+                RunStart(
+                    run_id, time(), environment, _chars(task), _copy(params), uuid4().hex, extra
+                )
             )
         except Exception as exc:
             self._hook_failed("on_run_start", run_id, exc)
@@ -156,12 +161,23 @@ class MLflowSink:
         if buffer is None:
             return
         try:  # tuple.__new__ straight: the NamedTuple's own __new__ is one more Python call
-            buffer.put(
-                _new(
-                    Step,
-                    (run_id, event.get("step"), event.get("reward"), cumulative_reward, time()),
-                )
-            )
+            get = event.get
+            fields = (run_id, get("step"), get("reward"), cumulative_reward, time(), get("usage"))
+            buffer.put(_new(Step, fields))
+        except Exception as exc:
+            self._hook_failed("on_step", run_id, exc)
+
+    def _on_step_traced(
+        self, run_id: str, *, event: dict[str, Any], cumulative_reward: float
+    ) -> None:
+        """`on_step` with traces on: a shallow copy of the whole event (action, observation,
+        usage) goes with the step; the worker makes a span of it."""
+        buffer = self._buffer
+        if buffer is None:
+            return
+        try:
+            fields = (run_id, event.get("step"), event.get("reward"), cumulative_reward, time())
+            buffer.put(_new(Step, (*fields, dict(event))))
         except Exception as exc:
             self._hook_failed("on_step", run_id, exc)
 
@@ -170,6 +186,9 @@ class MLflowSink:
         if buffer is None:
             return
         try:  # never dropped for room either: the run would stay RUNNING
+            extra = {"usage_summary": _field(result, "usage_summary", None)}
+            if self.settings.traces:
+                extra["final_response"] = _field(result, "final_response", None)
             buffer.put_boundary(
                 RunEnd(
                     run_id,
@@ -178,6 +197,8 @@ class MLflowSink:
                     _field(result, "steps", 0),
                     _field(result, "total_reward", 0.0),
                     run_path,
+                    "FINISHED",
+                    extra,
                 )
             )
         except Exception as exc:
@@ -299,6 +320,7 @@ class MLflowSink:
             failed=stats.failed,
             spooled=stats.spooled,
             skipped=stats.skipped,
+            traces=worker.traces_status,
             last_error=stats.last_error,
             closed=self.closed,
         )

@@ -83,7 +83,13 @@ class Worker:
         self.outcomes = Outcomes(dead_letters, experiment)
         self.outcomes.spooling = journal is not None
         self._policy = RetryPolicy(settings.retry_deadline, self.outcomes.on_retry)
-        self._sending = Sending(self.outcomes, settings.batch_size, replaying)
+        self._sending = Sending(
+            self.outcomes,
+            settings.batch_size,
+            replaying,
+            traces=settings.traces,
+            max_spans=settings.trace_max_spans,
+        )
         self.resolved_uri: str | None = None
         self._connected: anyio.Event | None = None  # anyio objects need the loop
         self._open: dict[str, Lane] = {}  # started, end not yet routed
@@ -109,6 +115,13 @@ class Worker:
     @property
     def import_error(self) -> str | None:
         return self.outcomes.import_error
+
+    @property
+    def traces_status(self) -> str:
+        """``off``, ``on``, or ``unavailable: <why>`` (the store takes no traces)."""
+        if not self._sending.traces:
+            return "off"
+        return self._sending.traces_unavailable or "on"
 
     # -- caller's side -------------------------------------------------------------------------
 
@@ -402,7 +415,7 @@ class Worker:
 
     def _admit(self, event: RunEvent) -> RunEvent | None:
         try:
-            admitted, problems = admit(event)
+            admitted, problems = admit(event, self._settings.trace_text_limit)
         except payload.BadInput as exc:
             self.outcomes.reject(event, str(exc))
             return None
@@ -441,6 +454,8 @@ class Worker:
             parent_id = event.params.get("parent_run_id")
             parent = self._open.get(str(parent_id)) if parent_id is not None else None
             lane = self._open[event.run_id] = Lane(event, parent)
+            if parent is not None:  # the parent's next step delegated it
+                parent.children.append((event.run_id, event.key))
         elif lane is None:
             self.outcomes.reject(event, f"{hook_name(event)} for a run that is not open")
             return

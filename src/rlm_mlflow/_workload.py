@@ -25,6 +25,18 @@ class Result:
     completed: bool
     steps: int
     total_reward: float
+    final_response: str = ""
+    usage_summary: dict[str, int] | None = None
+
+
+#: Programs the synthetic model "writes", in turn (what a trace shows as a step's code).
+PROGRAMS = (
+    "import dspy\n\nclass Signature(dspy.Signature):\n    question: str = dspy.InputField()\n"
+    "    answer: str = dspy.OutputField()\n\nprint(Signature.__doc__ or 'Signature ok')",
+    "numbers = [{a}, {b}, {c}]\nprint(sum(numbers) / len(numbers))",
+    "text = 'recursive language models'\nprint(text.title(), len(text.split()))",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\nprint(fib({a} % 20))",
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ def run_rlm(
     rng = random.Random(f"{plan.seed}:{path}")
     trajectory = plan.run_dir / f"{run_id}.jsonl"
     cumulative = 0.0
+    usage = {"total_calls": 0, "prompt_tokens": 0, "completion_tokens": 0}
     with trajectory.open("w", encoding="utf-8") as out:
         for step in range(steps):
             if step == steps // 2 and depth < plan.depth:
@@ -85,16 +98,32 @@ def run_rlm(
             # A learning curve with noise: the reward drifts from ~0.2 up to ~0.8.
             reward = round(min(1.0, max(0.0, 0.2 + 0.6 * step / steps + rng.gauss(0, 0.1))), 4)
             cumulative += reward
+            a, b, c = rng.randint(1, 99), rng.randint(1, 99), rng.randint(1, 99)
+            code = PROGRAMS[step % len(PROGRAMS)].format(a=a, b=b, c=c)
+            step_usage = {
+                "total_calls": 1,
+                "prompt_tokens": 600 + 12 * step + rng.randint(0, 200),
+                "completion_tokens": 40 + len(code) // 4 + rng.randint(0, 30),
+            }
+            for key, count in step_usage.items():
+                usage[key] += count
             event = {
                 "step": step,
-                "action": {"type": "code", "chars": rng.randint(20, 400)},
-                "observation": {"success": reward > 0.5},
+                "action": {"action": "run_python", "code": code, "rationale": f"step {step}"},
+                "observation": {
+                    "success": reward > 0.5,
+                    "stdout": f"{(a + b + c) / 3:.2f}" if step % 4 == 1 else "ok",
+                    "stderr": "" if reward > 0.3 else "AssertionError: the check failed",
+                },
                 "reward": reward,
+                "usage": step_usage,
             }
             out.write(json.dumps(event) + "\n")
             sink.on_step(run_id, event=event, cumulative_reward=cumulative)
             advance()
-    sink.on_run_end(run_id, result=Result(True, steps, cumulative), run_path=trajectory)
+    answer = f"{plan.task}: done in {steps} steps (synthetic run {run_id})"
+    result = Result(True, steps, cumulative, answer, dict(usage))
+    sink.on_run_end(run_id, result=result, run_path=trajectory)
 
 
 def total_steps(steps: int, max_depth: int) -> int:

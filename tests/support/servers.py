@@ -181,6 +181,7 @@ class FaultProxy:
         self.target_port = target_port
         self.delay = 0.0
         self.refuse: Callable[[dict[str, Any]], bool] | None = None
+        self.missing: set[str] = set()  # paths answered 501 (an endpoint the server lacks)
         self.served: dict[str, int] = {"forwarded": 0, "failed": 0, "reset": 0, "refused": 0}
         self._faults: list[tuple[str, int, int | None]] = []  # (kind, status, retry_after)
         self._lock = threading.Lock()
@@ -239,6 +240,9 @@ class FaultProxy:
                     proxy.served["failed"] += 1
                     headers = {"Retry-After": str(fault[2])} if fault[2] is not None else {}
                     self._answer(fault[1], b"unavailable", headers)
+                    return
+                if self.path.split("?")[0] in proxy.missing:
+                    self._answer(501, b"not implemented", {})
                     return
                 refuse = proxy.refuse
                 if (
