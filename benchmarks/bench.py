@@ -37,6 +37,8 @@ WORKLOAD = {
     "floor": (4, 5000),
     "ours": (4, 5000),
     "ours-4": (4, 5000),
+    "ours-rich": (4, 5000),
+    "ours-traced": (4, 5000),
     "raw-1": (4, 5000),
     "raw-4": (4, 5000),
     "raw-http-1": (4, 5000),
@@ -211,6 +213,9 @@ def ratios(table: dict[str, dict[str, Any]]) -> list[tuple[str, float, str, bool
             checks.append((what, value, f">= {target}", value >= target))
         cpu = ours["cpu_us_per_metric"] / table["raw-http-1"]["cpu_us_per_metric"]
         checks.append(("CPU per metric: ours / raw HTTP (1 thread)", cpu, "<= 2", cpu <= 2))
+    if "ours-traced" in table and "ours-rich" in table:
+        traced = table["ours-traced"]["hook_median_us"] / table["ours-rich"]["hook_median_us"]
+        checks.append(("traces on: hook median / traces off", traced, "<= 2", traced <= 2))
     if "mlflow-async" in table:
         cheaper = table["mlflow-async"]["hook_median_us"] / ours["hook_median_us"]
         checks.append(("mlflow async hook / our hook", cheaper, ">= 300", cheaper >= 300))

@@ -31,13 +31,21 @@ def reward(run: int, step: int) -> float:
     return ((run * 7919 + step * 104729) % 1000) / 1000
 
 
-class Loop:
-    """Drives R runs x S steps through ``log_step`` and times each step's logging."""
+#: What rlm-code's step events carry besides step and reward (the ``rich`` workload).
+ACTION = {"action": "run_python", "code": "print(sum(range(10)))\n" * 8, "rationale": "check"}
+OBSERVATION = {"success": True, "stdout": "45\n" * 8, "stderr": ""}
+USAGE = {"total_calls": 1, "prompt_tokens": 812, "completion_tokens": 64}
 
-    def __init__(self, runs: int, steps: int, prefix: str) -> None:
+
+class Loop:
+    """Drives R runs x S steps through ``log_step`` and times each step's logging. ``rich``:
+    the events carry an action with code, an observation and token usage, as rlm-code's."""
+
+    def __init__(self, runs: int, steps: int, prefix: str, rich: bool = False) -> None:
         self.run_ids = [f"{prefix}-{r}" for r in range(runs)]
         self.steps = steps
         self.step_ns: list[int] = []
+        self.rich = rich
 
     def drive(self, log_step: Callable[[int, str, dict[str, Any], float], None]) -> None:
         totals = [0.0] * len(self.run_ids)
@@ -48,6 +56,8 @@ class Loop:
                 value = reward(r, step)
                 totals[r] += value
                 event = {"step": step, "reward": value}
+                if self.rich:
+                    event.update(action=ACTION, observation=OBSERVATION, usage=USAGE)
                 started = clock()
                 log_step(r, run_id, event, totals[r])
                 samples.append(clock() - started)
@@ -95,10 +105,11 @@ def run_ours(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     from rlm_mlflow import MLflowSink
 
-    sink = MLflowSink(
-        True, experiment=args.experiment, tracking_uri=args.uri, **json.loads(args.settings)
-    )
-    loop = Loop(args.runs, args.steps, "ours")
+    settings = json.loads(args.settings)
+    if args.name == "ours-traced":
+        settings["traces"] = True
+    sink = MLflowSink(True, experiment=args.experiment, tracking_uri=args.uri, **settings)
+    loop = Loop(args.runs, args.steps, "ours", rich=args.name in ("ours-rich", "ours-traced"))
     for run_id in loop.run_ids:
         sink.on_run_start(
             run_id, task=TASK, environment="bench", params={**PARAMS, "max_steps": args.steps}
@@ -365,6 +376,8 @@ CONTENDERS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str 
     "mlflow-async": (lambda a: run_fluent(a, "async", synchronous=False), "async"),
     "mlflow-async-buffered": (lambda a: run_fluent(a, "async", synchronous=False), "async"),
     "ours-4": (run_ours, "ours"),
+    "ours-rich": (run_ours, "ours"),
+    "ours-traced": (run_ours, "ours"),
     "raw-1": (lambda a: run_raw(a, 1), "raw"),
     "raw-4": (lambda a: run_raw(a, 4), "raw"),
     "raw-http-1": (lambda a: run_raw_http(a, 1), "rawhttp"),

@@ -69,7 +69,10 @@ def admit(event: RunEvent, text_limit: int = 4096) -> tuple[RunEvent, list[str]]
     data with its texts cut at ``text_limit``), and what was left out of it and why; raises
     BadInput for an event that cannot be logged at all."""
     if type(event) is Step and is_plain_step(event):
-        return event, []
+        if event[5] is None:
+            return event, []
+        extra = _extra(spans.step_extra, event[5], text_limit)
+        return event._replace(extra=extra), []
     run_id = as_run_id(event.run_id)
     if isinstance(event, Step):
         reward_row, cumulative_row = step_rows(event)
@@ -121,12 +124,11 @@ def _extra(plain: Any, extra: Any, limit: int) -> Any:
 
 def is_plain_step(event: Step) -> bool:
     """The common case, cheaply: a step already plain and finite (``x - x`` is NaN for an
-    infinite or NaN ``x``), with nothing for the trajectory. Its run id is checked for
-    storability at the run's start: a step names an open run, or it is rejected as such."""
+    infinite or NaN ``x``); its ``extra`` aside. Its run id is checked for storability at the
+    run's start: a step names an open run, or it is rejected as such."""
     run_id, step, reward, cumulative = event[0], event[1], event[2], event[3]
     return (
-        event[5] is None
-        and type(run_id) is str
+        type(run_id) is str
         and type(step) is int
         and type(reward) is float
         and type(cumulative) is float

@@ -385,6 +385,7 @@ class Worker:
                 if (
                     isinstance(item, Step)
                     and not unavailable
+                    and item[5] is None
                     and is_plain_step(item)
                     and (lane := open_.get(item.run_id)) is not None
                 ):

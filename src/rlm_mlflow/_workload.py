@@ -102,7 +102,7 @@ def run_rlm(
             code = PROGRAMS[step % len(PROGRAMS)].format(a=a, b=b, c=c)
             step_usage = {
                 "total_calls": 1,
-                "prompt_tokens": 600 + 12 * step + rng.randint(0, 200),
+                "prompt_tokens": 500 + 4 * (step % 50) + rng.randint(0, 200),
                 "completion_tokens": 40 + len(code) // 4 + rng.randint(0, 30),
             }
             for key, count in step_usage.items():
