@@ -198,11 +198,10 @@ def run_fluent(args: argparse.Namespace, prefix: str, synchronous: bool) -> dict
     return figures(loop, started, time.perf_counter(), 2 * args.runs * args.steps)
 
 
-def run_raw(args: argparse.Namespace, threads: int) -> dict[str, Any]:
-    """The ceiling: the same data in 1,000-metric log_batch calls, no hooks at all. The clock
-    starts once the runs exist, as for our sink; building the entities is inside it."""
+def make_runs(args: argparse.Namespace, prefix: str) -> tuple[Any, list[str]]:
+    """The ceilings' runs, made before their clocks start: a client and the runs' ids."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Param
 
     client = MlflowClient(args.uri)
     experiment = client.get_experiment_by_name(args.experiment)
@@ -215,14 +214,23 @@ def run_raw(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     for r in range(args.runs):
         run = client.create_run(
             experiment_id,
-            run_name=f"raw-{r}",
-            tags={"run_id": f"raw-{r}", "component": "rlm-code-rlm"},
+            run_name=f"{prefix}-{r}",
+            tags={"run_id": f"{prefix}-{r}", "component": "rlm-code-rlm"},
         )
         ids.append(run.info.run_id)
         client.log_batch(
             run.info.run_id,
             params=[Param(k, str(v)) for k, v in {**PARAMS, "max_steps": args.steps}.items()],
         )
+    return client, ids
+
+
+def run_raw(args: argparse.Namespace, threads: int) -> dict[str, Any]:
+    """The ceiling: the same data in 1,000-metric log_batch calls, no hooks at all. The clock
+    starts once the runs exist, as for our sink; building the entities is inside it."""
+    from mlflow.entities import Metric
+
+    client, ids = make_runs(args, "raw")
     started = time.perf_counter()  # building the entities is part of logging them
     cpu_started = time.process_time()
     now = int(time.time() * 1000)
@@ -249,23 +257,8 @@ def run_raw_http(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     import threading
 
     import requests
-    from mlflow import MlflowClient
 
-    client = MlflowClient(args.uri)
-    experiment = client.get_experiment_by_name(args.experiment)
-    experiment_id = (
-        experiment.experiment_id
-        if experiment is not None
-        else client.create_experiment(args.experiment)
-    )
-    ids = []
-    for r in range(args.runs):
-        run = client.create_run(
-            experiment_id,
-            run_name=f"rawhttp-{r}",
-            tags={"run_id": f"rawhttp-{r}", "component": "rlm-code-rlm"},
-        )
-        ids.append(run.info.run_id)
+    client, ids = make_runs(args, "rawhttp")
     now = int(time.time() * 1000)
     bodies: list[bytes] = []
     for r in range(args.runs):

@@ -26,6 +26,18 @@ TESTS = Path(__file__).parent
 INSTRUMENT = str(Path(sys.executable).with_name("rlm-mlflow"))
 
 
+def instrument(*command: str, env: dict[str, str] | None = None) -> Any:
+    """``rlm-mlflow instrument -- COMMAND...``, run to its end."""
+    return subprocess.run(
+        [INSTRUMENT, "instrument", "--", *command],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        check=False,
+    )
+
+
 def trajectories(runs_dir: Path) -> dict[str, dict[str, Any]]:
     """What rlm-code wrote for each RLM run: its steps and its final line, by run id."""
     runs: dict[str, dict[str, Any]] = {}
@@ -231,13 +243,7 @@ def test_instrument_runs_an_unchanged_rlm_code_script(
     commit = subprocess.run(
         [*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True
     ).stdout.strip()
-    done = subprocess.run(
-        [INSTRUMENT, "instrument", "--", sys.executable, str(script), str(tmp_path / "work")],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
+    done = instrument(sys.executable, str(script), str(tmp_path / "work"))
     assert done.returncode == 0, done.stderr
     assert "RESULT" in done.stdout
     assert "rlm-mlflow instrument:" not in done.stderr  # rlm-code was found, nothing to say
@@ -248,13 +254,7 @@ def test_instrument_runs_an_unchanged_rlm_code_script(
 
 
 def test_instrument_passes_the_exit_code_through(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [INSTRUMENT, "instrument", "--", sys.executable, "-c", "import sys; sys.exit(7)"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = instrument(sys.executable, "-c", "import sys; sys.exit(7)")
     assert done.returncode == 7, done.stderr
 
 
@@ -303,14 +303,7 @@ def test_instrument_says_in_one_line_when_the_interpreter_has_no_rlm_code(
     (deps / "structlog").symlink_to(Path(structlog.__file__).parent)
     src = Path(rlm_mlflow.__file__).parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(deps)])}
-    done = subprocess.run(
-        [INSTRUMENT, "instrument", "--", base, "-c", "print('ran')"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    done = instrument(base, "-c", "print('ran')", env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ran"
     lines = [line for line in done.stderr.splitlines() if "rlm-code was not found" in line]
@@ -322,21 +315,8 @@ def test_instrument_chains_to_the_sitecustomize_it_shadows(tmp_path: Path) -> No
     theirs.mkdir()
     (theirs / "sitecustomize.py").write_text("import os\nos.environ['THEIRS_RAN'] = 'yes'\n")
     env = {**os.environ, "PYTHONPATH": str(theirs)}
-    done = subprocess.run(
-        [
-            INSTRUMENT,
-            "instrument",
-            "--",
-            sys.executable,
-            "-c",
-            "import os, rlm_mlflow._autolog as a; print(os.environ.get('THEIRS_RAN'), a.enabled())",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    code = "import os, rlm_mlflow._autolog as a; print(os.environ.get('THEIRS_RAN'), a.enabled())"
+    done = instrument(sys.executable, "-c", code, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["yes", "True"]
 

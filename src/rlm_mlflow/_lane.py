@@ -166,8 +166,10 @@ class Lane:
         finally:
             self.created.set()
         mlflow_id = self.mlflow_id
-        params = [(key, str(value)) for key, value in event.params.items()]
-        failures = await s.bisect(params, lambda part: connection.log_params(mlflow_id, part))
+        params = {key: str(value) for key, value in event.params.items()}
+        failures = []
+        for batch in payload.param_batches(params):  # MLflow takes 100 params a call
+            failures += await s.bisect(batch, lambda part: connection.log_params(mlflow_id, part))
         for part, error in failures:
             entities = [{"key": k, "value": v} for k, v in part]
             await s.outcomes.undeliverable(0, self, "log_params", error, entities)
