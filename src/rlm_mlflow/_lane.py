@@ -3,9 +3,10 @@
 The run is created before any batch of it is sent (a child run after its parent, so it can
 carry ``mlflow.parentRunId``); its params follow; step batches go out concurrently, up to the
 connection's in-flight limit; the summary, the artifact and ``set_terminated`` come only after
-every batch before them finished. What MLflow refuses for good is bisected until the refused
-entities stand alone, so the rest of the batch lands. Every event is counted once, through
-`Outcomes`.
+every batch before them finished. With traces on, each step's span goes with its metrics
+and the run's span with its end (`_spans`). What MLflow refuses for good is bisected until
+the refused entities stand alone, so the rest of the batch lands. Every event is counted
+once, through `Outcomes`: a step is delivered when all of it landed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ._log import log
 from ._outcomes import Outcomes
 
 U = TypeVar("U")
-Span = dict[str, Any]
+Span = spans_.Span
 #: Step spans per request to the tracking store.
 SPANS_PER_CALL = 200
 
