@@ -134,9 +134,16 @@ def connect(tracking_uri: str | None, experiment: str, settings: Settings) -> Ex
     from ._rest import RestExporter
 
     uri = _resolve_tracking_uri(tracking_uri)
-    store = _get_store(uri)
     exporter: RestExporter | MlflowClientExporter
-    if isinstance(store, RestStore):
+    if is_http(uri):
+        # What MLflow's store registry builds for an http(s) URI, without the registry: it
+        # builds every store under one process-wide lock, which a database that does not
+        # answer holds for minutes (MLflow's own engine retries), for every other sink too.
+        from mlflow.utils.credentials import get_default_host_creds
+
+        creds = partial(get_default_host_creds, uri)
+        exporter = RestExporter(uri, creds, settings.request_timeout)
+    elif isinstance(store := _get_store(uri), RestStore):  # databricks and the like
         exporter = RestExporter(uri, store.get_host_creds, settings.request_timeout)
     else:
         exporter = MlflowClientExporter(MlflowClient(uri))
