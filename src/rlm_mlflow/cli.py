@@ -1,8 +1,8 @@
-"""rlm-mlflow: forward RLM benchmark runs to MLflow.
+"""The `rlm-mlflow` command: its four commands, each a function, and their parser.
 
-Commands: `run` (a synthetic RLM benchmark loop that reports to MLflow), `status` (what a
-sink would use and find, read-only), `sync` (deliver what dead or offline processes left in a
-spool directory), `instrument` (run a command with this forwarder in rlm-code's MLflow slot).
+Longer than the library's modules because it holds all four (and `status`'s read-only look
+at a store and a spool); what they drive lives in the library (`_workload`, `_replay`,
+`_autolog`'s bootstrap).
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KNOWN_SCHEMES = frozenset(
     {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks"}
 )
+DESCRIPTION = """rlm-mlflow: forward RLM benchmark runs to MLflow.
+
+Commands: `run` (a synthetic RLM benchmark loop that reports to MLflow), `status` (what a
+sink would use and find, read-only), `sync` (deliver what dead or offline processes left in a
+spool directory), `instrument` (run a command with this forwarder in rlm-code's MLflow slot).
+"""
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 EXIT_NOT_FOUND = 127  # what a shell answers for a command it cannot run
@@ -446,7 +452,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="rlm-mlflow", description=__doc__, formatter_class=Help)
+    parser = Parser(prog="rlm-mlflow", description=DESCRIPTION, formatter_class=Help)
     parser.add_argument(
         "--log-format",
         choices=("text", "json"),
