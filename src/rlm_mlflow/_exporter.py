@@ -22,7 +22,7 @@ from __future__ import annotations
 # the worker is still importing mlflow then (a short script that never called close()).
 import concurrent.futures.thread  # noqa: F401
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -65,6 +65,18 @@ class Unreachable(ConnectionError):
     """The request did not get an answer (refused, reset, timed out)."""
 
 
+class Misconfigured(Exception):
+    """The store answers, but not as MLflow answers what we sent: credentials refused (401),
+    no permission (403), a redirect, no MLflow API at that path, a page that is not MLflow's
+    (a login or maintenance page), a TLS check that fails. Nothing is wrong with the events:
+    they are kept and the call is tried again, slowly, until the configuration is fixed.
+    ``detail`` names the cause and the remedy in one line (what ``status()`` shows)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
 class TracesUnsupported(Exception):
     """The tracking store takes no traces (a file store, a server without the endpoint)."""
 
@@ -84,6 +96,8 @@ class ExperimentDeleted(Exception):
 
 def is_transient(exc: BaseException) -> bool:
     """Connection trouble and 408/429/5xx are transient; anything else (400s) is permanent."""
+    if isinstance(exc, Misconfigured):
+        return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, HttpError):
@@ -93,6 +107,33 @@ def is_transient(exc: BaseException) -> bool:
         return status() in TRANSIENT_HTTP
     cause = exc.__cause__ or exc.__context__
     return cause is not None and is_transient(cause)
+
+
+#: HTTP statuses of a refused value: bisecting the batch isolates it.
+ENTITY_HTTP = frozenset({400, 413, 422})
+
+
+def is_entity_error(exc: BaseException) -> bool:
+    """Whether MLflow refused a value we sent (bisect to isolate it), as opposed to trouble
+    that is the same for every value: transient, a configuration error, no traces, a deleted
+    experiment. A local store's own exception (its database or encoder refusing a value)
+    counts as a refused value."""
+    if isinstance(exc, (Misconfigured, TracesUnsupported, ExperimentDeleted)):
+        return False
+    if is_transient(exc):
+        return False
+    if isinstance(exc, HttpError):
+        return exc.status in ENTITY_HTTP
+    status = getattr(exc, "get_http_status_code", None)
+    if callable(status):  # MlflowException: INVALID_PARAMETER_VALUE is 400
+        return status() in ENTITY_HTTP
+    return True
+
+
+def is_kept(exc: BaseException) -> bool:
+    """Whether the events of a failed call are kept (spooled, else counted failed) rather than
+    dead-lettered: nothing was wrong with them."""
+    return is_transient(exc) or isinstance(exc, Misconfigured)
 
 
 def is_http(uri: str) -> bool:
@@ -170,13 +211,29 @@ def context_tags() -> dict[str, str]:
         return {}
 
 
-class RetryPolicy:
-    """The one retry policy of every call to MLflow, connecting included: exponential backoff
-    with jitter (capped at 10 s), or the server's Retry-After when it asked for more."""
+#: Seconds before a call refused for a configuration reason is tried again: doubling from the
+#: first to the last, so a fixed credential or URI is picked up without a restart, and a
+#: refusing server is not hammered meanwhile.
+MISCONFIGURED_RETRY_S = (2.0, 30.0)
 
-    def __init__(self, deadline: float, before_sleep: Callable[[RetryCallState], None]) -> None:
+
+class RetryPolicy:
+    """The one retry policy of every call to MLflow, connecting included: transient failures
+    with exponential backoff and jitter (capped at 10 s), or the server's Retry-After when it
+    asked for more, up to the deadline; configuration errors slowly, until they go away."""
+
+    def __init__(
+        self,
+        deadline: float,
+        before_sleep: Callable[[RetryCallState], None],
+        *,
+        misconfigured: Callable[[Misconfigured], None] = lambda exc: None,
+        answered: Callable[[], None] = lambda: None,
+    ) -> None:
         self.deadline = deadline
         self.before_sleep = before_sleep
+        self.misconfigured = misconfigured  # told of each configuration refusal
+        self.answered = answered  # told of each call that got MLflow's answer
         self._backoff = wait_random_exponential(multiplier=0.25, max=10)
 
     def wait(self, state: RetryCallState) -> float:
@@ -203,10 +260,37 @@ class RetryPolicy:
             reraise=True,
         )
 
+    async def run(
+        self,
+        call: Callable[[], Awaitable[T]],
+        *,
+        retry_on: Callable[[BaseException], bool] = is_transient,
+        forever: bool = False,
+        before_sleep: Callable[[RetryCallState], None] | None = None,
+    ) -> T:
+        """``call()`` under the policy: `attempts` for what ``retry_on`` accepts; a
+        configuration error (never one of those) is tried again at `MISCONFIGURED_RETRY_S`'s
+        pace for as long as it lasts (the caller's cancel scope ends it: a close)."""
+        pause = MISCONFIGURED_RETRY_S[0]
+        while True:
+            try:
+                async for attempt in self.attempts(
+                    retry_on=retry_on, forever=forever, before_sleep=before_sleep
+                ):
+                    with attempt:
+                        result = await call()
+            except Misconfigured as exc:
+                self.misconfigured(exc)
+                await anyio.sleep(pause)
+                pause = min(2 * pause, MISCONFIGURED_RETRY_S[1])
+                continue
+            self.answered()
+            return result
+
 
 class Connection:
     """The async face of one exporter: calls run in threads, at most ``max_in_flight`` at
-    once (one for a local store), transient failures retried by the `RetryPolicy`."""
+    once (one for a local store), failures retried by the `RetryPolicy`."""
 
     def __init__(self, exporter: Exporter, max_in_flight: int, policy: RetryPolicy) -> None:
         self.exporter = exporter
@@ -218,16 +302,13 @@ class Connection:
         self._policy = policy
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking exporter call in a thread, retrying transient failures to the
-        deadline. A cancelled call (the close deadline ran out) is abandoned, not waited for:
-        it may still land, but the worker counts it as not delivered."""
+        """Run a blocking exporter call in a thread under the retry policy. A cancelled call
+        (the close deadline ran out) is abandoned, not waited for: it may still land, but the
+        worker counts it as not delivered."""
         job = partial(fn, *args)
-        async for attempt in self._policy.attempts():
-            with attempt:
-                return await anyio.to_thread.run_sync(
-                    job, limiter=self._limiter, abandon_on_cancel=True
-                )
-        raise AssertionError("unreachable: tenacity reraises the last error")
+        return await self._policy.run(
+            lambda: anyio.to_thread.run_sync(job, limiter=self._limiter, abandon_on_cancel=True)
+        )
 
     async def create_run(self, run_name: str, start_ms: int, tags: dict[str, str]) -> str:
         """A run with MLflow's context tags (user, source), as ``mlflow.start_run`` makes it."""

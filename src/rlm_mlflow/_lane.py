@@ -21,7 +21,7 @@ import anyio
 from . import _payload as payload
 from . import _spans as spans_
 from ._event import Event, RunEnd, RunStart, Step
-from ._exporter import Connection, TracesUnsupported, is_transient
+from ._exporter import Connection, TracesUnsupported, is_entity_error, is_transient
 from ._log import log
 from ._outcomes import Outcomes
 
@@ -63,15 +63,16 @@ class Sending:
     async def bisect(
         self, units: list[U], send: Callable[[list[U]], Awaitable[None]]
     ) -> list[tuple[list[U], Exception]]:
-        """Send ``units``; when MLflow refuses them for good, halve until the refused ones
+        """Send ``units``; when MLflow refuses a value in them, halve until the refused ones
         are isolated, so the rest lands. Returns the parts that did not land, with the error.
-        Not once the sink is unavailable (a deleted experiment refuses everything)."""
+        Only a refused value is bisected (`is_entity_error`): not trouble that is the same
+        for every part, nor once the sink is unavailable (a deleted experiment refuses all)."""
         if not units:
             return []
         try:
             await send(units)
         except Exception as exc:
-            if len(units) == 1 or is_transient(exc) or self.outcomes.unavailable is not None:
+            if len(units) == 1 or not is_entity_error(exc) or self.outcomes.unavailable is not None:
                 return [(units, exc)]
             middle = len(units) // 2
             return await self.bisect(units[:middle], send) + await self.bisect(units[middle:], send)

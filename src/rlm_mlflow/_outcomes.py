@@ -17,7 +17,7 @@ from tenacity import RetryCallState
 
 from ._deadletter import DeadLetters
 from ._event import Event, RunEnd, RunStart, Step
-from ._exporter import ExperimentDeleted, is_transient
+from ._exporter import ExperimentDeleted, Misconfigured, is_kept
 from ._log import log
 from ._payload import show
 from ._redact import redact_text
@@ -79,6 +79,9 @@ class Outcomes:
         self.keep_journal = False  # something is kept for a later replay: no more acks
         self.import_error: str | None = None
         self.unavailable: str | None = None  # why nothing can be sent (status' detail)
+        #: Why the store refuses our calls for now (credentials, a redirect, ...): the calls
+        #: are tried again slowly and nothing is given up (status' detail meanwhile).
+        self.misconfigured: str | None = None
         #: Asks MLflow whether the experiment is still active (set once connected).
         self.experiment_state: Callable[[], Awaitable[str]] | None = None
         self._experiment_checked = 0.0
@@ -138,7 +141,7 @@ class Outcomes:
     ) -> None:
         """What did not land: dead-lettered if MLflow refused it, else spooled or failed."""
         self.note_error(call, exc)
-        if is_transient(exc) or self.unavailable is not None or await self._experiment_gone():
+        if is_kept(exc) or self.unavailable is not None or await self._experiment_gone():
             log.error(
                 "mlflow unavailable"
                 if self.unavailable is not None
@@ -170,7 +173,7 @@ class Outcomes:
 
     def failed_call(self, lane: Counted, exc: BaseException, events: int = 1) -> None:
         """Count ``events`` whose call failed (already logged by `undeliverable`)."""
-        if self.unavailable is not None or is_transient(exc):
+        if self.unavailable is not None or is_kept(exc):
             self.give_up(events, lane)
         else:
             self.tally(lane, "dead_lettered", events)
@@ -208,6 +211,25 @@ class Outcomes:
             )
         self.unavailable = reason
         self.stats.last_error = reason[:500]
+
+    def refused_by_configuration(self, exc: Misconfigured) -> None:
+        """A call refused for a reason of configuration (`Misconfigured`; it is tried again,
+        slowly): said once per cause, and shown by status() until a call gets through."""
+        if exc.detail != self.misconfigured:
+            log.error(
+                "the tracking store refuses our calls; events are kept, and the calls are "
+                "tried again slowly until it takes them",
+                reason=exc.detail,
+                kept_in_spool=self.spooling,
+            )
+        self.misconfigured = exc.detail
+        self.stats.last_error = exc.detail[:500]
+
+    def answered(self) -> None:
+        """A call got MLflow's answer: whatever refused us before is fixed."""
+        if self.misconfigured is not None:
+            log.info("the tracking store takes our calls again", was=self.misconfigured)
+            self.misconfigured = None
 
     def note_error(self, what: str, exc: BaseException) -> None:
         self.stats.last_error = redact_text(f"{what}: {type(exc).__name__}: {str(exc)[:500]}")

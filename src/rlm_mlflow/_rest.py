@@ -26,20 +26,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from ._exporter import (
-    API,
-    MAX_RETRY_AFTER,
-    ExperimentDeleted,
-    HttpError,
-    TracesUnsupported,
-    Unreachable,
-    key_filter,
-)
+from ._exporter import API, ExperimentDeleted, HttpError, key_filter
+from ._http import answer, request_failure
 from ._log import log
 from ._payload import MetricRow
 from ._spans import otlp_request
 
 _JSON = {"Content-Type": "application/json"}
+TRACES = "/v1/traces"  # MLflow's OTLP endpoint
 #: Seconds the headers, auth and TLS settings of the fast path are reused before worked out anew.
 REFRESH_S = 30.0
 
@@ -88,11 +82,9 @@ class RestExporter:
         json_body: bool = False,
         headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """One request, no inner retries (ours are around it), our timeout. ``data`` goes as
-        it is (JSON already when ``json_body``); ``body`` is sent as JSON, or as the query of
-        a GET."""
-        import requests
-
+        """One request, no inner retries (ours are around it), our timeout; MLflow's answer,
+        or the failure it is (`_http.answer`). ``data`` goes as it is (JSON already when
+        ``json_body``); ``body`` is sent as JSON, or as the query of a GET."""
         kwargs: dict[str, Any] = {}
         if method == "GET":
             kwargs["params"] = body
@@ -118,15 +110,9 @@ class RestExporter:
                 respect_retry_after_header=False,
                 **kwargs,
             )
-        except requests.exceptions.RequestException as exc:
-            raise Unreachable(f"{method} {endpoint}: {type(exc).__name__}: {exc}") from exc
-        if response.status_code == 200:
-            try:
-                answer: dict[str, Any] = response.json() if response.content else {}
-            except ValueError:
-                answer = {}
-            return answer
-        raise _http_error(response)
+        except Exception as exc:  # MLflow wraps the HTTP client's errors in MlflowException
+            raise request_failure(exc, self.tracking_uri, f"{method} {endpoint}") from exc
+        return answer(response, self.tracking_uri, traces=endpoint == TRACES)
 
     def experiment(self, name: str, restore: bool) -> str:
         """Get or create (see `MlflowClientExporter.experiment`)."""
@@ -199,8 +185,6 @@ class RestExporter:
         self._post(prepared, body, refreshed=False)
 
     def _post(self, prepared: _Prepared, body: bytes, *, refreshed: bool) -> None:
-        import requests
-
         try:
             response = self._session.post(
                 prepared.url,
@@ -209,17 +193,15 @@ class RestExporter:
                 timeout=self._timeout,
                 **prepared.settings,
             )
-        except requests.exceptions.RequestException as exc:
-            raise Unreachable(f"POST log-batch: {type(exc).__name__}: {exc}") from exc
-        if response.status_code == 200:
-            return
+        except Exception as exc:
+            raise request_failure(exc, self.tracking_uri, "POST log-batch") from exc
         if response.status_code in (401, 403) and not refreshed:  # a token that expired
             self._prepared = None
             again = self._prepare()
             if again is not None:
                 self._post(again, body, refreshed=True)
                 return
-        raise _http_error(response)
+        answer(response, self.tracking_uri)  # a 200 that is MLflow's, or the failure it is
 
     def _prepare(self) -> _Prepared | None:
         """The fast path's headers and settings, worked out with MLflow's own functions once
@@ -276,12 +258,7 @@ class RestExporter:
         if link:
             headers["x-mlflow-run-id"] = run_id
         body = json.dumps(otlp_request(spans), separators=(",", ":")).encode()
-        try:
-            self._request("POST", "/v1/traces", data=body, json_body=True, headers=headers)
-        except HttpError as exc:
-            if exc.status in (404, 405, 501):
-                raise TracesUnsupported(f"{exc.status} from /v1/traces") from exc
-            raise
+        self._request("POST", TRACES, data=body, json_body=True, headers=headers)
 
     def experiment_state(self) -> str:
         try:
@@ -340,21 +317,3 @@ class RestExporter:
         if unreadable:  # the readable files landed; say which could not be read
             first = unreadable[0]
             raise OSError(first.errno, f"{len(unreadable)} file(s) unreadable", first.filename)
-
-
-def _http_error(response: Any) -> HttpError:
-    try:
-        body = response.json()
-        code, message = str(body.get("error_code", "")), str(body.get("message", ""))
-    except ValueError:
-        code, message = "", response.text[:500]
-    retry_after: float | None = None
-    header = response.headers.get("Retry-After")
-    if header:
-        try:
-            retry_after = min(MAX_RETRY_AFTER, max(0.0, float(header)))
-        except ValueError:
-            retry_after = None
-    return HttpError(
-        response.status_code, code or f"HTTP_{response.status_code}", message, retry_after
-    )

@@ -285,12 +285,12 @@ class MLflowSink:
     @property
     def available(self) -> bool:
         forwarder = self._forwarder
-        return forwarder is not None and forwarder.worker.unavailable is None
+        return forwarder is not None and forwarder.worker.problem is None
 
     def status(self) -> dict[str, Any]:
         """rlm-code's keys (name, enabled, available, detail, experiment) and the forwarder's."""
         worker = self._forwarder.worker if self._forwarder is not None else None
-        unavailable = self._unavailable or (worker.unavailable if worker else None)
+        unavailable = self._unavailable or (worker.problem if worker else None)
         if not self.enabled:
             detail = "disabled"
         elif unavailable:

@@ -34,7 +34,14 @@ from . import _payload as payload
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
 from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
-from ._exporter import Connection, ExperimentDeleted, Exporter, RetryPolicy, connect
+from ._exporter import (
+    Connection,
+    ExperimentDeleted,
+    Exporter,
+    Misconfigured,
+    RetryPolicy,
+    connect,
+)
 from ._journal import Journal
 from ._lane import Lane, Sending
 from ._log import log
@@ -82,7 +89,12 @@ class Worker:
         self._exporter = exporter  # given: no connecting (tests use an in-memory one)
         self.outcomes = Outcomes(dead_letters, experiment)
         self.outcomes.spooling = journal is not None
-        self._policy = RetryPolicy(settings.retry_deadline, self.outcomes.on_retry)
+        self._policy = RetryPolicy(
+            settings.retry_deadline,
+            self.outcomes.on_retry,
+            misconfigured=self.outcomes.refused_by_configuration,
+            answered=self.outcomes.answered,
+        )
         self._sending = Sending(
             self.outcomes,
             settings.batch_size,
@@ -111,6 +123,12 @@ class Worker:
     @property
     def unavailable(self) -> str | None:
         return self.outcomes.unavailable
+
+    @property
+    def problem(self) -> str | None:
+        """Why nothing is delivered now, for status(): unavailable for good, or refused by
+        the store until its configuration (or ours) is fixed."""
+        return self.outcomes.unavailable or self.outcomes.misconfigured
 
     @property
     def import_error(self) -> str | None:
@@ -295,23 +313,24 @@ class Worker:
 
         def worth_a_retry(exc: BaseException) -> bool:  # any trouble reaching a store
             return isinstance(exc, Exception) and not isinstance(
-                exc, (ImportError, ExperimentDeleted)
+                exc, (ImportError, ExperimentDeleted, Misconfigured)
+            )
+
+        async def reach() -> Exporter:
+            return await anyio.to_thread.run_sync(
+                connect,
+                self._tracking_uri,
+                self._experiment,
+                self._settings,
+                abandon_on_cancel=True,
             )
 
         try:
             exporter = self._exporter
             if exporter is None:
-                async for attempt in self._policy.attempts(
-                    retry_on=worth_a_retry, forever=True, before_sleep=retrying
-                ):
-                    with attempt:
-                        exporter = await anyio.to_thread.run_sync(
-                            connect,
-                            self._tracking_uri,
-                            self._experiment,
-                            self._settings,
-                            abandon_on_cancel=True,
-                        )
+                exporter = await self._policy.run(
+                    reach, retry_on=worth_a_retry, forever=True, before_sleep=retrying
+                )
             assert exporter is not None
             connection = Connection(exporter, self._settings.max_in_flight, self._policy)
             self.outcomes.connected(connection.experiment_id, connection.experiment_state)

@@ -255,7 +255,9 @@ class FaultProxy:
                         "error_code": "INVALID_PARAMETER_VALUE",
                         "message": "refused by the test proxy: bad entity",
                     }
-                    self._answer(400, json.dumps(message).encode(), {})
+                    self._answer(
+                        400, json.dumps(message).encode(), {"Content-Type": "application/json"}
+                    )
                     return
                 self._forward(body)
 
