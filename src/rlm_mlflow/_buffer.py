@@ -91,6 +91,20 @@ class Buffer:
         if len(self._queue) >= self.wake_at:
             self.wakeup.set()
 
+    @property
+    def capacity(self) -> int:
+        """The bound in events (``queue_size``, or lower: see `limit`)."""
+        return self._capacity
+
+    def limit(self, events: int) -> None:
+        """The bound in events from now on: the worker lowers it when events are large, so
+        that the buffer stays within its share of ``memory_max_bytes``."""
+        with self._room:
+            self._capacity = events
+            spilling = self._overflow is not None and len(self._overflow)
+            if not (self._parked or self._closed or spilling):
+                self._maxsize = events
+
     def park(self) -> bool:
         """The worker's thread is about to go: from now on every put takes the slow path
         (and starts it again). Refused when something is waiting."""

@@ -23,6 +23,7 @@ from . import _spans as spans_
 from ._event import Event, RunEnd, RunStart, Step
 from ._exporter import Connection, TracesUnsupported, is_entity_error, is_transient
 from ._log import log
+from ._memory import StepSet
 from ._outcomes import Outcomes
 
 U = TypeVar("U")
@@ -89,10 +90,12 @@ class Lane:
     created: anyio.Event = field(default_factory=anyio.Event)
     mlflow_id: str | None = None
     start_error: BaseException | None = None
-    seen_steps: set[int] = field(default_factory=set)
+    seen_steps: StepSet = field(default_factory=StepSet)
     pending: list[Event] = field(default_factory=list)
     boundaries: int = 0  # starts and ends in ``pending``
     sending: list[Event] = field(default_factory=list)  # the batch its task is sending
+    pending_bytes: float = 0.0  # what ``pending`` holds in memory (`_memory`'s estimate)
+    sending_bytes: float = 0.0  # what ``sending`` holds
     completed: int = 0  # advanced only when a whole batch of pending events is done
     finished: int = 0  # events of this lane counted in Stats (see Outcomes.tally)
     running: bool = False
@@ -186,13 +189,12 @@ class Lane:
         rows: list[payload.MetricRow] = []
         tokens: list[payload.MetricRow] = []
         spans: list[tuple[int, Span]] = []
-        seen, append = self.seen_steps, rows.append
+        first_time, append = self.seen_steps.add, rows.append
         for event in steps:  # per step: kept short, it is most of what the worker does
             _, step, reward, cumulative, at, extra = event
-            if step in seen:
+            if not first_time(step):
                 s.outcomes.reject(event, f"step {step} repeated (the first one was kept)", self)
                 continue
-            seen.add(step)
             ts = int(at * 1000)  # payload.timestamp_ms, inline
             append(("step_reward", reward, ts, step))
             append(("cumulative_reward", cumulative, ts, step))

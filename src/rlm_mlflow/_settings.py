@@ -34,6 +34,12 @@ class Settings:
     queue_size: int = _setting(
         100_000, "Events the in-memory buffer holds before a hook has to wait (then drop)."
     )
+    memory_max_bytes: int = _setting(
+        64 << 20,
+        "Bytes of events held in memory: half for the buffer (its bound in events is lowered "
+        "when events are large), half for what is in flight or retried. Past it, with a spool "
+        "the journal takes the rest; without, the when_full policy applies.",
+    )
     batch_size: int = _setting(
         1000, "Metrics per MLflow log_batch call (MLflow accepts at most 1000)."
     )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 
 import anyio
 import anyio.lowlevel
@@ -30,10 +29,9 @@ import anyio.to_thread
 from anyio.abc import TaskGroup
 from tenacity import RetryCallState
 
-from . import _payload as payload
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
-from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
+from ._event import Marker, RunEnd
 from ._exporter import (
     Connection,
     ExperimentDeleted,
@@ -45,25 +43,15 @@ from ._exporter import (
 from ._journal import Journal
 from ._lane import Lane, Sending
 from ._log import log
-from ._outcomes import Outcomes, Stats, hook_name
-from ._payload import admit, is_plain_step
-from ._records import Position
+from ._outcomes import Outcomes, Stats
 from ._redact import redact_text, redact_uri
+from ._router import Router, countable
 from ._settings import Settings
 
 #: Seconds without anything to do after which the worker's thread is let go.
 IDLE_PARK_S = 20.0
 #: At most this many seconds of a close's timeout are kept for the last attempt to end runs.
 LAST_ATTEMPT_S = 5.0
-
-
-def _countable(events: Sequence[Event]) -> int:
-    """Caller's events among ``events``: not markers, not the sink's own KILLED ends."""
-    return sum(
-        1
-        for e in events
-        if not isinstance(e, Marker) and not (isinstance(e, RunEnd) and e.status == "KILLED")
-    )
 
 
 class Worker:
@@ -104,10 +92,7 @@ class Worker:
         )
         self.resolved_uri: str | None = None
         self._connected: anyio.Event | None = None  # anyio objects need the loop
-        self._open: dict[str, Lane] = {}  # started, end not yet routed
-        self._busy: set[Lane] = set()  # lanes with unfinished events
-        self._markers: list[tuple[Marker, dict[Lane, int]]] = []
-        self._closing = False
+        self._router = Router(buffer, settings, self.outcomes, journal, self._spawn)
         self._abort = False
         self._stop_by = 0.0  # time.monotonic() by which an aborted worker must be done
         self._loops = 0  # event loops running this worker (a parked one has none)
@@ -205,8 +190,7 @@ class Worker:
             with self._state:
                 self._loops -= 1
             if not parked:  # stopped for good: nobody may wait on a marker any more
-                for marker, _ in self._markers:
-                    marker.done.set()
+                self._router.markers.release()
 
     async def _main(self) -> bool:
         """Drain, route, repeat; until closed and idle, or aborted (False), or parked (True)."""
@@ -221,10 +205,12 @@ class Worker:
             if not self._connected.is_set():
                 tg.start_soon(self._connect, self._connected)
             self._restart_lanes()
+            router = self._router
             while True:
                 # Sleep until a full batch waits (the hooks wake us), a marker comes, or the
-                # flush interval passes; and while the lanes (or the journal) are full.
-                if len(self._buffer) < self._buffer.wake_at or self._no_room():
+                # flush interval passes; and while memory is full with no spool to take more.
+                full = router.full() and not router.spool_takes()
+                if not router.ready() and (len(self._buffer) < self._buffer.wake_at or full):
                     await anyio.to_thread.run_sync(
                         self._buffer.wakeup.wait,
                         self._settings.flush_interval,
@@ -233,12 +219,9 @@ class Worker:
                 self._buffer.wakeup.clear()
                 if self._abort:
                     break
-                if not self._no_room():
-                    self._route_all(
-                        self._buffer.drain(self._settings.queue_size - self.stats.inflight)
-                    )
+                router.take()
                 self._report_drops(quiet=self._settings.put_timeout + 5.0)
-                if self._closing and not self._busy and len(self._buffer) == 0:
+                if router.markers.closing and router.settled():
                     break
                 if not self._idle():
                     idle_since = time.monotonic()
@@ -250,27 +233,27 @@ class Worker:
         return parked
 
     def _idle(self) -> bool:
+        router = self._router
         return (
             self._may_park
             and self._connected is not None
             and self._connected.is_set()
-            and not self._busy
-            and not self._markers
-            and not self._closing
-            and len(self._buffer) == 0
+            and router.settled()
+            and not router.markers
+            and not router.markers.closing
         )
 
     def _restart_lanes(self) -> None:
         """After a park or a crash: the lanes with events get a task in the new loop."""
-        for lane in list(self._busy):
+        for lane in list(self._router.busy):
             lane.running = False
             if lane.pending:
                 self._spawn(lane)
 
     def _recover(self, exc: BaseException) -> None:
-        """The loop crashed (a bug): what was in flight is counted failed; the buffer, and
-        the runs open in MLflow, stay as they are for the next loop."""
-        lost = self.stats.inflight
+        """The loop crashed (a bug): what was in flight is counted failed; the buffer, the
+        backlog and the runs open in MLflow stay as they are for the next loop."""
+        lost = self._router.in_flight()
         log.error(
             "worker loop crashed; what was in flight is counted failed, the loop restarts",
             error=redact_text(f"{type(exc).__name__}: {exc}")[:500],
@@ -279,20 +262,10 @@ class Worker:
         )
         self.stats.last_error = redact_text(f"worker crashed: {exc!r}")[:500]
         self.stats.failed += lost
-        for lane in self._busy:  # what they held is counted failed above: done with
-            lane.completed = lane.enqueued
-            lane.pending, lane.sending, lane.boundaries = [], [], 0
-            lane.running = False
-        self._busy.clear()
-        for lane in self._open.values():  # the run's later events still deserve to land
-            if lane.mlflow_id is None and lane.start_error is None:
-                lane.recreate = True
+        self._router.recover()
+        for lane in self._router.open.values():  # to be created again: a new event to wait on
+            if lane.recreate:
                 lane.created = anyio.Event()
-        self._check_markers()
-
-    def _no_room(self) -> bool:
-        journal_full = self._journal is not None and self._journal.full()
-        return journal_full or self.stats.inflight >= self._settings.queue_size
 
     async def _connect(self, connected: anyio.Event) -> None:
         """Import mlflow and reach the store; retried (by the policy of every call) until it
@@ -354,9 +327,12 @@ class Worker:
 
     async def _finish(self) -> None:
         """After the loop: when the close deadline ran out, a last attempt to end the runs;
-        then account for everything that did not get out, and settle the journal."""
+        then account for everything that did not get out, and settle the journal. Bounded by
+        the deadline when aborted, so that close() returns with final counts."""
         self._tg = None  # routed from now on, never sent by a lane
-        self._route_all(self._buffer.drain(len(self._buffer)))
+        left = self._router.drain_rest(self._stop_by if self._abort else None)
+        if left:
+            self._count_unrouted()
         if self._abort and self._sending.connection is not None and self.unavailable is None:
             with anyio.move_on_after(max(0.0, self._stop_by - time.monotonic())):
                 await self._last_attempt()
@@ -366,7 +342,7 @@ class Worker:
             self.outcomes.give_up(lost)
             log.error(
                 "worker stopped with events undelivered; they are kept in the spool"
-                if self._journal is not None
+                if self.outcomes.spooling
                 else "worker stopped with events undelivered; they are lost (no spool)",
                 events=lost,
                 delivered=self.stats.delivered,
@@ -374,12 +350,24 @@ class Worker:
         if self._journal is not None:
             self._journal.close(remove=not self.outcomes.keep_journal)
 
+    def _count_unrouted(self) -> None:
+        """The deadline ran out before the rest of the buffer could be taken: counted failed
+        (not journalled, not sent), markers released."""
+        rest = self._buffer.drain(len(self._buffer))
+        events = countable(rest)
+        self.stats.drained += events
+        self.outcomes.tally(None, "failed", events)
+        for item in rest:
+            if isinstance(item, Marker):
+                item.done.set()
+        log.error("close deadline ran out before these events could be taken", events=events)
+
     async def _last_attempt(self) -> None:
         """The close deadline ran out: every run the caller started is created if it was
         not yet, and ended: FINISHED with its summary if its end came (routed, or in the
         batch a cancelled lane was sending), else KILLED. Steps still waiting are not sent."""
         async with anyio.create_task_group() as tg:
-            for lane in self._busy | self._sending.unended:
+            for lane in self._router.busy | self._sending.unended:
                 unsent = lane.sending + lane.pending
                 lane.sending, lane.pending, lane.boundaries = [], [], 0
                 end = next((e for e in unsent if isinstance(e, RunEnd)), None)
@@ -388,108 +376,7 @@ class Worker:
                 create = lane.mlflow_id is None and lane.start_error is None
                 tg.start_soon(lane.close_at_deadline, end, create, self._sending)
 
-    # -- routing (event loop thread, in buffer order) --------------------------------------------
-
-    def _route_all(self, drained: list[Event]) -> None:
-        """Admit, journal and route one drain, in order. Steps that are already plain (the
-        common case by far) take a short way: no second event, no call per step."""
-        self.stats.drained += len(drained) - sum(1 for e in drained if e.__class__ is Marker)
-        journalled: list[RunEvent] | None = [] if self._journal is not None else None
-        open_, unavailable = self._open, self.unavailable is not None
-        for item in drained:
-            try:
-                if isinstance(item, Marker):
-                    self._add_marker(item)
-                    continue
-                if (
-                    isinstance(item, Step)
-                    and not unavailable
-                    and item[5] is None
-                    and is_plain_step(item)
-                    and (lane := open_.get(item.run_id)) is not None
-                ):
-                    if journalled is not None:
-                        journalled.append(item)
-                    self._enqueue(lane, item)
-                    continue
-                event = self._admit(item)
-                if event is None:
-                    continue
-                if journalled is not None:
-                    journalled.append(event)
-                self._route(event)
-            except Exception as exc:  # a bug of ours: this event alone pays for it
-                log.exception("internal error routing an event", error=repr(exc)[:300])
-                if not isinstance(item, Marker):
-                    self.stats.failed += 1
-        position = self._journal_append(journalled) if journalled else None
-        # Wake for a drain when every open run has a full log_batch waiting, on average:
-        # waking at one batch's worth split over many runs sends many small requests, and a
-        # request's fixed cost at the server is what limits throughput.
-        per_batch = payload.steps_per_batch(self._settings.batch_size)
-        self._buffer.wake_at = max(
-            per_batch, min(per_batch * len(self._open), self._settings.queue_size // 2)
-        )
-        if position is not None and not self.outcomes.keep_journal:
-            self._add_marker(Marker(ack=(position, [lane.start for lane in self._open.values()])))
-
-    def _admit(self, event: RunEvent) -> RunEvent | None:
-        try:
-            admitted, problems = admit(event, self._settings.trace_text_limit)
-        except payload.BadInput as exc:
-            self.outcomes.reject(event, str(exc))
-            return None
-        except Exception as exc:  # a value that broke a check: reject it, alone
-            self.outcomes.reject(event, f"cannot be read: {type(exc).__name__}: {str(exc)[:200]}")
-            return None
-        if problems:
-            self.outcomes.skipped(admitted.run_id, hook_name(admitted), problems)
-        return admitted
-
-    def _journal_append(self, events: list[RunEvent]) -> Position | None:
-        if self._journal is None or not events or self.import_error is not None:
-            return None
-        try:
-            return self._journal.append(events)
-        except OSError as exc:  # e.g. a full disk: go on without the spool
-            log.error(
-                "spool write failed; going on without it (what it holds stays for a sync)",
-                journal=str(self._journal.dir),
-                error=str(exc),
-            )
-            self._journal.close(remove=False)
-            self._journal = None
-            self.outcomes.spooling = False
-            return None
-
-    def _route(self, event: RunEvent) -> None:
-        if self.unavailable is not None:
-            self.outcomes.give_up(_countable([event]))
-            return
-        lane = self._open.get(event.run_id)
-        if isinstance(event, RunStart):
-            if lane is not None:
-                self.outcomes.reject(event, "on_run_start for a run that is already open")
-                return
-            parent_id = event.params.get("parent_run_id")
-            parent = self._open.get(str(parent_id)) if parent_id is not None else None
-            lane = self._open[event.run_id] = Lane(event, parent)
-            if parent is not None:  # the parent's next step delegated it
-                parent.children.append((event.run_id, event.key))
-        elif lane is None:
-            self.outcomes.reject(event, f"{hook_name(event)} for a run that is not open")
-            return
-        elif isinstance(event, RunEnd):
-            del self._open[event.run_id]
-        self._enqueue(lane, event)
-
-    def _enqueue(self, lane: Lane, event: Event) -> None:
-        lane.pending.append(event)
-        if event.__class__ is not Step:
-            lane.boundaries += 1
-        if not lane.running:  # a running lane is busy already
-            self._busy.add(lane)
-            self._spawn(lane)
+    # -- lanes ----------------------------------------------------------------------------------
 
     def _spawn(self, lane: Lane) -> None:
         if self._tg is None:  # the loop is over: what is routed now waits for _last_attempt
@@ -497,50 +384,24 @@ class Worker:
         lane.running = True
         self._tg.start_soon(self._drive, lane, name=f"lane {lane.run_id[:80]}")
 
-    def _add_marker(self, marker: Marker) -> None:
-        if marker.closing:
-            self._closing = True
-            now = time.time()
-            for run_id, lane in list(self._open.items()):
-                log.warning("run was never ended; ending it as KILLED", run_id=run_id)
-                del self._open[run_id]
-                self._enqueue(lane, RunEnd(run_id, now, None, None, None, None, "KILLED"))
-        waits = {lane: lane.enqueued for lane in self._busy}
-        self._markers.append((marker, waits))
-        self._check_markers()
-
-    def _check_markers(self) -> None:
-        for entry in list(self._markers):
-            marker, waits = entry
-            if all(lane.completed >= n for lane, n in waits.items()):
-                self._markers.remove(entry)
-                journal = self._journal
-                if (
-                    marker.ack is not None
-                    and journal is not None
-                    and not self.outcomes.keep_journal
-                ):
-                    journal.ack(*marker.ack)
-                marker.done.set()
-                if marker.closing:
-                    self._buffer.wakeup.set()
-
     async def _drive(self, lane: Lane) -> None:
         """A lane's task: send its batches one after the other, and count them done."""
         assert self._connected is not None
         await self._connected.wait()
+        router = self._router
         while lane.pending:
             batch, lane.pending = lane.pending, []
+            lane.sending_bytes, lane.pending_bytes = lane.pending_bytes, 0.0
             boundaries, lane.boundaries = lane.boundaries, 0
             lane.sending = batch
             before = lane.finished
             try:
                 if self._sending.connection is None or self.unavailable is not None:
-                    self.outcomes.give_up(_countable(batch), lane)
+                    self.outcomes.give_up(countable(batch), lane)
                 else:
                     await lane.send(batch, self._sending, boundaries)
             except Exception as exc:  # a bug of ours: this batch alone pays for it
-                lost = _countable(batch) - (lane.finished - before)
+                lost = countable(batch) - (lane.finished - before)
                 log.exception(
                     "internal error sending a run's events; they are counted failed",
                     run_id=lane.run_id,
@@ -549,11 +410,11 @@ class Worker:
                 )
                 self.outcomes.tally(lane, "failed", max(0, lost))
             lane.completed += len(batch)
-            lane.sending = []
+            lane.sending, lane.sending_bytes = [], 0.0
             if not lane.pending:
-                self._busy.discard(lane)
-            self._check_markers()
-            if len(self._buffer):  # room was made: the loop may drain again
+                router.busy.discard(lane)
+            router.markers.check()
+            if len(self._buffer) or router.backlog:  # room was made: the loop may take more
                 self._buffer.wakeup.set()
         lane.running = False
 

@@ -1,0 +1,340 @@
+"""Routing: from the buffer to one lane per run, in the order the hooks were called. Synchronous
+(no anyio): the worker's loop calls `Router.take` between its waits, and drives the lanes.
+
+A round drains the buffer, admits every event (`_payload.admit`: the one place where values
+are checked; a bad one is rejected alone), journals the drain when there is a spool, and
+routes the events to their run's lane; flush/close markers and the journal's acks go to
+`_markers`. What is held in memory is bounded in events (``queue_size``) and in bytes (half
+of ``memory_max_bytes``, estimated by `_memory`; the buffer's bound is lowered to fit the
+other half). When what is in flight holds all it may, a spool takes the drains instead
+(`_backlog`), and they come back from it as room is made; without one the worker stops
+taking, the buffer fills, and its full-buffer policy applies.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from . import _payload as payload
+from ._backlog import Backlog
+from ._buffer import Buffer
+from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
+from ._journal import Journal
+from ._lane import Lane
+from ._log import log
+from ._markers import Markers
+from ._memory import STEP_BYTES, STEP_INFLIGHT_BYTES, Gauge, buffer_bound, size_of
+from ._outcomes import Outcomes, hook_name
+from ._payload import admit, is_plain_step
+from ._records import Position, Problem
+from ._settings import Settings
+
+
+def countable(events: Sequence[Event]) -> int:
+    """Caller's events among ``events``: not markers, not the sink's own KILLED ends."""
+    return sum(
+        1
+        for e in events
+        if not isinstance(e, Marker) and not (isinstance(e, RunEnd) and e.status == "KILLED")
+    )
+
+
+class Router:
+    def __init__(
+        self,
+        buffer: Buffer,
+        settings: Settings,
+        outcomes: Outcomes,
+        journal: Journal | None,
+        spawn: Callable[[Lane], None],
+    ) -> None:
+        self._buffer = buffer
+        self._settings = settings
+        self._outcomes = outcomes
+        self.journal = journal
+        self._journal_writable = journal is not None  # off after a failed write (full disk)
+        self.backlog = Backlog(journal) if journal is not None else None
+        self._spawn = spawn  # gives a lane with events a task of the worker's loop
+        self.open: dict[str, Lane] = {}  # started, end not yet routed
+        self.busy: set[Lane] = set()  # lanes with unfinished events
+        self.markers = Markers(self._ack, buffer.wakeup.set)
+        self._raw = Gauge()  # extras as the hooks took them (the buffer's share)
+        self._admitted = Gauge()  # extras once admitted and cut (the share in flight)
+        self._event_bytes = float(STEP_BYTES)  # an event in the buffer, on average
+
+    # -- what the loop asks --------------------------------------------------------------------
+
+    def in_flight(self) -> int:
+        """Events taken from the buffer and held in memory, not finished yet."""
+        return self._outcomes.stats.inflight - (self.backlog.events if self.backlog else 0)
+
+    def held_bytes(self) -> float:
+        return sum(lane.pending_bytes + lane.sending_bytes for lane in self.busy)
+
+    def full(self) -> bool:
+        """What is in flight holds all the memory it may."""
+        return (
+            self.in_flight() >= self._settings.queue_size
+            or self.held_bytes() >= self._settings.memory_max_bytes / 2
+        )
+
+    def spool_takes(self) -> bool:
+        """A journal that takes more (not failed, not at ``spool_max_bytes``)."""
+        return self._journal_writable and self.journal is not None and not self.journal.full()
+
+    def ready(self) -> bool:
+        """Work waiting that needs no wake-up: the backlog, with room to read it back."""
+        return bool(self.backlog) and not self.full()
+
+    def settled(self) -> bool:
+        """Nothing left anywhere: every event routed and finished."""
+        return not self.busy and not self.backlog and len(self._buffer) == 0
+
+    # -- a round ---------------------------------------------------------------------------------
+
+    def take(self) -> None:
+        """One round: buffer -> lanes; or, while a backlog exists or memory is full and a
+        spool takes it, buffer -> journal and journal -> lanes as room allows."""
+        if self.backlog or (self.full() and self.spool_takes()):
+            if self.spool_takes():
+                self.journal_only(self._buffer.drain(self._settings.queue_size))
+            self._read_back()
+        elif not self.full() and (self.journal is None or not self.journal.full()):
+            self.route_all(self._buffer.drain(self._room()))
+
+    def _room(self) -> int:
+        """Events that fit in flight now, in number and in bytes."""
+        s = self._settings
+        per_event = STEP_INFLIGHT_BYTES + self._admitted.average
+        by_bytes = int((s.memory_max_bytes / 2 - self.held_bytes()) / per_event)
+        return max(1, min(s.queue_size - self.in_flight(), by_bytes))
+
+    def route_all(self, drained: list[Event]) -> None:
+        """Admit, journal and route one drain, in order. Steps that are already plain (the
+        common case by far) take a short way: no second event, no call per step."""
+        stats = self._outcomes.stats
+        stats.drained += len(drained) - sum(1 for e in drained if e.__class__ is Marker)
+        journalled: list[RunEvent] | None = [] if self._journal_writable else None
+        open_, unavailable = self.open, self._outcomes.unavailable is not None
+        extras = 0
+        for item in drained:
+            try:
+                if isinstance(item, Marker):
+                    self.add_marker(item)
+                    continue
+                if isinstance(item, Step) and item[5] is None:
+                    if (
+                        not unavailable
+                        and is_plain_step(item)
+                        and (lane := open_.get(item.run_id)) is not None
+                    ):
+                        if journalled is not None:
+                            journalled.append(item)
+                        self.enqueue(lane, item, STEP_INFLIGHT_BYTES)
+                        continue
+                elif item.__class__ is Step:
+                    extras += 1
+                    self._raw.weigh(item.extra)
+                event = self._admit(item)
+                if event is None:
+                    continue
+                if journalled is not None:
+                    journalled.append(event)
+                self._route(event)
+            except Exception as exc:  # a bug of ours: this event alone pays for it
+                log.exception("internal error routing an event", error=repr(exc)[:300])
+                if not isinstance(item, Marker):
+                    stats.failed += 1
+        position = self._journal_append(journalled) if journalled else None
+        self._resize(len(drained), extras)
+        if position is not None:
+            self._ack_after(position)
+
+    def journal_only(self, drained: list[Event]) -> None:
+        """Admit and journal one drain without routing it: it joins the backlog."""
+        assert self.backlog is not None
+        stats = self._outcomes.stats
+        stats.drained += len(drained) - sum(1 for e in drained if e.__class__ is Marker)
+        events: list[RunEvent] = []
+        extras = 0
+        for item in drained:
+            if isinstance(item, Marker):  # in its place between the records
+                self._to_backlog(events)
+                events = []
+                self.backlog.add_marker(item)
+                continue
+            if item.__class__ is Step and item.extra is not None:
+                extras += 1
+                self._raw.weigh(item.extra)
+            plain = item.__class__ is Step and item[5] is None and is_plain_step(item)
+            event = item if plain else self._admit(item)
+            if event is not None:
+                events.append(event)
+        self._to_backlog(events)
+        self._resize(len(drained), extras)
+
+    def _to_backlog(self, events: list[RunEvent]) -> None:
+        assert self.backlog is not None and self.journal is not None
+        if not events:
+            return
+        start = self.journal.position
+        end = self._journal_append(events)
+        if end is None:
+            self.backlog.add_in_memory(events)
+        else:
+            self.backlog.add(start, end, len(events))
+
+    def _read_back(self) -> None:
+        """Route the backlog's oldest items while there is room in memory."""
+        backlog = self.backlog
+        while backlog and not self.full():
+            item, end, events = backlog.pop()
+            if isinstance(item, Marker):
+                self.add_marker(item)
+                continue
+            if isinstance(item, Problem):  # our own record, damaged on disk since
+                self._outcomes.tally(None, "failed", events)
+                log.error("journal record lost", events=events, reason=item.reason)
+            else:
+                for event in item:
+                    try:
+                        self._route(event)
+                    except Exception as exc:  # a bug of ours: this event alone pays
+                        log.exception("internal error routing an event", error=repr(exc)[:300])
+                        self._outcomes.stats.failed += 1
+            if end is not None:
+                self._ack_after(end)
+
+    def _resize(self, drained: int, extras: int) -> None:
+        """After a drain: the buffer's bound in events for its share of the memory, and when
+        to wake the worker."""
+        s = self._settings
+        if drained:
+            share = extras / drained
+            estimate = STEP_BYTES + share * self._raw.average
+            self._event_bytes += (estimate - self._event_bytes) / 8
+            bound = buffer_bound(s.queue_size, s.memory_max_bytes, self._event_bytes)
+            if abs(bound - self._buffer.capacity) > self._buffer.capacity // 10:
+                self._buffer.limit(bound)
+        # Wake for a drain when every open run has a full log_batch waiting, on average:
+        # waking at one batch's worth split over many runs sends many small requests, and a
+        # request's fixed cost at the server is what limits throughput.
+        per_batch = payload.steps_per_batch(s.batch_size)
+        self._buffer.wake_at = max(
+            1,
+            min(per_batch * max(1, len(self.open)), s.queue_size // 2, self._buffer.capacity // 2),
+        )
+
+    def _admit(self, event: RunEvent) -> RunEvent | None:
+        try:
+            admitted, problems = admit(event, self._settings.trace_text_limit)
+        except payload.BadInput as exc:
+            self._outcomes.reject(event, str(exc))
+            return None
+        except Exception as exc:  # a value that broke a check: reject it, alone
+            self._outcomes.reject(event, f"cannot be read: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+        if problems:
+            self._outcomes.skipped(admitted.run_id, hook_name(admitted), problems)
+        return admitted
+
+    def _journal_append(self, events: list[RunEvent]) -> Position | None:
+        journal = self.journal
+        if journal is None or not self._journal_writable or self._outcomes.import_error:
+            return None
+        try:
+            return journal.append(events)
+        except OSError as exc:  # e.g. a full disk: go on without it, keeping its lock
+            log.error(
+                "spool write failed; going on without it (what it holds stays for a sync)",
+                journal=str(journal.dir),
+                error=str(exc),
+            )
+            self._journal_writable = False
+            self._outcomes.spooling = False
+            return None
+
+    def _route(self, event: RunEvent) -> None:
+        if self._outcomes.unavailable is not None:
+            self._outcomes.give_up(countable([event]))
+            return
+        lane = self.open.get(event.run_id)
+        if isinstance(event, RunStart):
+            if lane is not None:
+                self._outcomes.reject(event, "on_run_start for a run that is already open")
+                return
+            parent_id = event.params.get("parent_run_id")
+            parent = self.open.get(str(parent_id)) if parent_id is not None else None
+            lane = self.open[event.run_id] = Lane(event, parent)
+            if parent is not None:  # the parent's next step delegated it
+                parent.children.append((event.run_id, event.key))
+        elif lane is None:
+            self._outcomes.reject(event, f"{hook_name(event)} for a run that is not open")
+            return
+        elif isinstance(event, RunEnd):
+            del self.open[event.run_id]
+        self.enqueue(lane, event, self._weight(event))
+
+    def _weight(self, event: RunEvent) -> float:
+        if event.__class__ is Step:
+            extra = event.extra
+            return STEP_INFLIGHT_BYTES + (0.0 if extra is None else self._admitted.weigh(extra))
+        params = event.params if isinstance(event, RunStart) else None
+        return STEP_INFLIGHT_BYTES + size_of(event.extra) + size_of(params)
+
+    def enqueue(self, lane: Lane, event: Event, weight: float) -> None:
+        lane.pending.append(event)
+        lane.pending_bytes += weight
+        if event.__class__ is not Step:
+            lane.boundaries += 1
+        if not lane.running:  # a running lane is busy already
+            self.busy.add(lane)
+            self._spawn(lane)
+
+    def add_marker(self, marker: Marker) -> None:
+        if marker.closing:
+            now = time.time()
+            for run_id, lane in list(self.open.items()):
+                log.warning("run was never ended; ending it as KILLED", run_id=run_id)
+                del self.open[run_id]
+                end = RunEnd(run_id, now, None, None, None, None, "KILLED")
+                self.enqueue(lane, end, STEP_INFLIGHT_BYTES)
+        self.markers.add(marker, self.busy)
+
+    def _ack_after(self, position: Position) -> None:
+        """Once every event before ``position`` has finished, the journal may let it go."""
+        if not self._outcomes.keep_journal:
+            starts = [lane.start for lane in self.open.values()]
+            self.add_marker(Marker(ack=(position, starts)))
+
+    def _ack(self, ack: tuple[Position, list[RunStart]]) -> None:
+        if self.journal is not None and not self._outcomes.keep_journal:
+            self.journal.ack(*ack)
+
+    def recover(self) -> None:
+        """After a crash of the loop (what was in flight is counted failed by the worker):
+        the lanes let go of their events; runs whose creation was lost will be created
+        again, so that their later events still land."""
+        for lane in self.busy:
+            lane.completed = lane.enqueued
+            lane.pending, lane.sending, lane.boundaries = [], [], 0
+            lane.pending_bytes = lane.sending_bytes = 0.0
+            lane.running = False
+        self.busy.clear()
+        for lane in self.open.values():
+            if lane.mlflow_id is None and lane.start_error is None:
+                lane.recreate = True
+        self.markers.check()
+
+    def drain_rest(self, until: float | None) -> int:
+        """At the end of the loop: take what is left in the buffer (journal only while a
+        backlog exists), in chunks, until ``until`` (time.monotonic(); None: no limit).
+        Returns how many events were left (the worker counts them)."""
+        while len(self._buffer) and (until is None or time.monotonic() < until):
+            chunk = self._buffer.drain(1000)
+            if self.backlog and self.spool_takes():
+                self.journal_only(chunk)
+            else:
+                self.route_all(chunk)
+        return len(self._buffer)
