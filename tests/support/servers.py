@@ -1,14 +1,19 @@
-"""Real parts for tests and benchmarks: an `mlflow server`, a fault-injecting proxy, and a
-scratch PostgreSQL database (this machine's, 127.0.0.1:5432, trust auth, database `test`).
+"""Real parts for tests and benchmarks: an `mlflow server` (plain, or with MLflow's basic-auth
+app), a fault-injecting proxy, and a scratch PostgreSQL database (this machine's,
+127.0.0.1:5432, trust auth, database `test`).
 
 The server starts on 127.0.0.1 in its own process group with the job runner off (it would
 keep both cores busy for half a minute and can outlive a SIGTERM of the server); `stop` ends
 the whole group. `FaultProxy` sits in front of it on loopback and, on request, answers 503 or
-429 with Retry-After, adds latency, resets connections, or refuses chosen log-batch requests.
+429 with Retry-After, adds latency, resets connections, or refuses chosen log-batch requests;
+`AuthServer` is the server with MLflow's basic-auth app (issue 16: the deployments users
+actually have). Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import base64
+import configparser
 import contextlib
 import getpass
 import http.client
@@ -22,9 +27,10 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -104,9 +110,14 @@ class MlflowServer:
             *self.store_args,
         ]
 
-    def start(self, timeout: float = 120.0) -> MlflowServer:
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours, with the job runner off and no tracking URI."""
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         env.pop("MLFLOW_TRACKING_URI", None)
+        return env
+
+    def start(self, timeout: float = 120.0) -> MlflowServer:
+        env = self.environment()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 self.command(),
@@ -166,6 +177,200 @@ class MlflowServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class AuthApiError(RuntimeError):
+    """A call to the auth server's REST API that it did not answer with a 2xx."""
+
+    def __init__(self, method: str, path: str, status: int, body: str) -> None:
+        super().__init__(f"{method} {path}: {status} {body[:300]}")
+        self.status = status
+        self.body = body
+
+
+class AuthServer(MlflowServer):
+    """`mlflow server --app-name basic-auth`: MLflow's own users, passwords and per-experiment
+    permissions, with helpers that call the server's auth REST API as the admin.
+
+    What it answers (MLflow 3.17, measured with ``requests``):
+
+    - no credentials, a wrong password or an unknown user: ``401``, ``text/html; charset=utf-8``,
+      ``WWW-Authenticate: Basic realm="mlflow"``, body ``You are not authenticated. Please see
+      https://www.mlflow.org/docs/latest/auth/index.html#authenticating-to-mlflow on how to
+      authenticate.`` (not JSON: no ``error_code``);
+    - a missing permission (``runs/log-batch`` or ``runs/create`` in an experiment where the
+      user has only READ): ``403``, ``text/html; charset=utf-8``, body ``Permission denied``;
+    - ``POST /v1/traces``: the same two answers with ``text/plain; charset=utf-8`` (401 body as
+      above, 403 ``Permission denied``); without the ``x-mlflow-experiment-id`` header ``400``
+      ``Missing required header: X-Mlflow-Experiment-Id`` (text/plain) once authenticated;
+    - ``/health`` and ``/api/3.0/mlflow/server-info`` are public (200 without credentials);
+      ``/version`` and a path the server lacks answer 401 before they would answer 404.
+
+    Facts that shape the helpers: passwords need at least 12 characters (else 400
+    INVALID_PARAMETER_VALUE); a second grant on the same experiment is refused (400
+    RESOURCE_ALREADY_EXISTS), so `grant` replaces; ``NO_PERMISSIONS`` is no longer grantable
+    on an experiment (400; ``DENY`` is the explicit "nothing", and an absent grant falls back to
+    ``default_permission``); any user, even with default READ, may create an experiment and gets
+    MANAGE on it. A rotated password fails at once, with the credential cache on too as long
+    as there is one worker (the update drops that worker's entry; other workers keep it up to
+    the TTL). Without the cache every authenticated request costs the server 0.3-0.4 s here.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        admin: tuple[str, str] = ("admin", "rig-admin-password"),
+        default_permission: str = "READ",
+        auth_cache_ttl: int = 0,
+        store_args: Sequence[str] | None = None,
+        workers: int = 1,
+        port: int | None = None,
+    ) -> None:
+        """``auth_cache_ttl`` (seconds) turns on the server's credential cache: without it
+        every authenticated request hashes the password again (PBKDF2)."""
+        if len(admin[1]) < 12:
+            raise ValueError("the auth server refuses passwords under 12 characters")
+        super().__init__(root, store_args=store_args, workers=workers, port=port)
+        self.admin = admin
+        self.default_permission = default_permission
+        self.auth_cache_ttl = auth_cache_ttl
+        self.config_path = root / "basic_auth.ini"
+
+    def command(self) -> list[str]:
+        return [*super().command(), "--app-name", "basic-auth"]
+
+    def environment(self) -> dict[str, str]:
+        """Our config file, not the environment's: the ``MLFLOW_AUTH_ADMIN_*`` variables
+        would take precedence over it; the CSRF secret the basic-auth app refuses to start
+        without."""
+        config = configparser.ConfigParser()
+        config["mlflow"] = {
+            "default_permission": self.default_permission,
+            "database_uri": f"sqlite:///{self.root / 'basic_auth.db'}",
+            "admin_username": self.admin[0],
+            "admin_password": self.admin[1],
+            "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+            "auth_cache_ttl_seconds": str(self.auth_cache_ttl),
+        }
+        with self.config_path.open("w") as f:
+            config.write(f)
+        env = super().environment()
+        for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+            env.pop(name, None)
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.config_path)
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = f"rlm-mlflow-tests-{uuid.uuid4().hex}"
+        return env
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        auth: tuple[str, str] | None = None,
+    ) -> tuple[int, str]:
+        """One request to the server (as the admin unless ``auth`` says otherwise), JSON in;
+        returns the status and the body text, whatever the status."""
+        url = self.url + path
+        data = None
+        if payload is not None and method == "GET":
+            url += "?" + urllib.parse.urlencode(payload)
+        elif payload is not None:
+            data = json.dumps(payload).encode()
+        user, password = auth or self.admin
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request = urllib.request.Request(url, data=data, method=method)
+        request.add_header("Authorization", f"Basic {token}")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return int(response.status), response.read().decode()
+        except urllib.error.HTTPError as error:
+            return int(error.code), error.read().decode(errors="replace")
+
+    def _admin(self, method: str, path: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        status, body = self.call(method, path, payload)
+        if not 200 <= status < 300:
+            raise AuthApiError(method, path, status, body)
+        answer: dict[str, Any] = json.loads(body or "{}")
+        return answer
+
+    def create_user(self, name: str, password: str) -> None:
+        credentials = {"username": name, "password": password}
+        self._admin("POST", "/api/2.0/mlflow/users/create", credentials)
+
+    def update_password(self, name: str, password: str) -> None:
+        """Rotate ``name``'s password on the server, as its admin would."""
+        credentials = {"username": name, "password": password}
+        self._admin("PATCH", "/api/2.0/mlflow/users/update-password", credentials)
+
+    def create_experiment(self, name: str) -> str:
+        """An experiment the admin owns (so a user has only ``default_permission`` on it)."""
+        answer = self._admin("POST", "/api/2.0/mlflow/experiments/create", {"name": name})
+        return str(answer["experiment_id"])
+
+    def experiment_id(self, experiment: str) -> str:
+        """The id of the experiment named ``experiment``, or ``experiment`` itself if no
+        experiment has that name (it is taken for an id)."""
+        status, body = self.call(
+            "GET", "/api/2.0/mlflow/experiments/get-by-name", {"experiment_name": experiment}
+        )
+        if status == 200:
+            return str(json.loads(body)["experiment"]["experiment_id"])
+        return experiment
+
+    def grant(self, experiment: str, user: str, permission: str) -> None:
+        """Give ``user`` exactly ``permission`` (READ, USE, EDIT, MANAGE or DENY) on the
+        experiment (a name or an id), replacing any grant it had there."""
+        self.revoke(experiment, user)
+        self._admin(
+            "POST",
+            "/api/3.0/mlflow/users/permissions/grant",
+            {
+                "username": user,
+                "resource_type": "experiment",
+                "resource_id": self.experiment_id(experiment),
+                "permission": permission,
+            },
+        )
+
+    def revoke(self, experiment: str, user: str) -> None:
+        """Remove ``user``'s grant on the experiment (back to ``default_permission``); a grant
+        that is not there is no error."""
+        try:
+            self._admin(
+                "POST",
+                "/api/3.0/mlflow/users/permissions/revoke",
+                {
+                    "username": user,
+                    "resource_type": "experiment",
+                    "resource_id": self.experiment_id(experiment),
+                },
+            )
+        except AuthApiError as error:
+            if error.status != 404 or "Permission for user=" not in error.body:
+                raise
+
+    def permission(self, experiment: str, user: str) -> str:
+        """``user``'s effective permission on the experiment, as the server resolves it."""
+        answer = self._admin(
+            "GET",
+            "/api/3.0/mlflow/users/permissions/get",
+            {
+                "username": user,
+                "resource_type": "experiment",
+                "resource_id": self.experiment_id(experiment),
+            },
+        )
+        return str(answer["permission"])
+
+    @staticmethod
+    def credentials_env(user: str, password: str) -> dict[str, str]:
+        """The variables MLflow's own client reads for basic auth (for a subprocess or
+        ``monkeypatch``)."""
+        return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
 
 
 class FaultProxy:
