@@ -1,11 +1,12 @@
 """Self-tests of the rig for the deployments users actually have (issue 16): the basic-auth
-server. Each test proves the
-rig does what its docstring says, with a plain ``requests`` client or ``MlflowClient``; none
+server and the proxy's html, redirect and missing modes. Each test proves the rig does what its
+docstring says, with a plain ``requests`` client or ``MlflowClient``; none
 involves the sink."""
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -14,6 +15,9 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from support.servers import (
+    LOGIN_PAGE,
+    METHOD_NOT_ALLOWED_PAGE,
+    NOT_FOUND_PAGE,
     AuthServer,
     FaultProxy,
     MlflowServer,
@@ -147,3 +151,153 @@ def test_a_rotated_password_refuses_the_old_one_through_mlflow_client_too(
     auth_server.revoke(experiment_id, user)  # back to READ: MlflowClient sees the 403
     with pytest.raises(MlflowException, match="403"):
         client.log_metric(run_id, "denied", 1.0)
+
+
+def test_a_redirect_to_the_auth_server_loses_the_credentials(auth_server: AuthServer) -> None:
+    """``requests`` drops the Authorization header when a redirect changes the port: the
+    credentials a client was given never reach the server behind the redirect."""
+    with FaultProxy(auth_server.port) as proxy:
+        proxy.redirect(308, auth_server.url)
+        answer = requests.post(proxy.url + SEARCH, json={}, auth=auth_server.admin, timeout=10)
+    assert [r.status_code for r in answer.history] == [308]
+    assert answer.status_code == 401
+    assert "Authorization" not in answer.request.headers
+
+
+# -- the proxy's modes ------------------------------------------------------------------------
+
+
+def test_html_mode_answers_a_login_page_to_chosen_paths_and_counts(
+    proxy: FaultProxy, server_run: str
+) -> None:
+    proxy.html(n=2, paths=LOG_BATCH)
+    answers = []
+    for _ in range(3):
+        answers.append(
+            requests.post(proxy.url + LOG_BATCH, json=one_metric(server_run), timeout=10)
+        )
+        search = requests.post(proxy.url + SEARCH, json={"max_results": 1}, timeout=10)
+        assert search.headers["Content-Type"] == "application/json"  # other paths: MLflow's
+    for login in answers[:2]:
+        assert login.status_code == 200
+        assert login.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert login.content == LOGIN_PAGE
+    assert (answers[2].status_code, answers[2].json()) == (200, {})  # n spent: MLflow again
+    assert proxy.served_paths == {LOG_BATCH: 3, SEARCH: 3}
+    assert (proxy.served["html"], proxy.served["forwarded"]) == (2, 4)
+
+    proxy.html(paths=lambda path: path.endswith("/search"))  # n=None: until cleared
+    for _ in range(3):
+        assert requests.post(proxy.url + SEARCH, json={}, timeout=10).content == LOGIN_PAGE
+    proxy.clear(counts=True)
+    assert requests.post(proxy.url + SEARCH, json={}, timeout=10).headers["Content-Type"] == (
+        "application/json"
+    )
+    assert proxy.served_paths == {SEARCH: 1} and proxy.served["html"] == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "method", "answer"),
+    [
+        (301, "GET", 405),
+        (302, "GET", 405),
+        (303, "GET", 405),
+        (307, "POST", 200),
+        (308, "POST", 200),
+    ],
+)
+def test_a_redirect_reaches_the_server_as_requests_resends_it(
+    proxy: FaultProxy,
+    mlflow_server: MlflowServer,
+    server_run: str,
+    status: int,
+    method: str,
+    answer: int,
+) -> None:
+    """301, 302 and 303 turn the POST into a GET without a body (MLflow answers 405); 307 and
+    308 re-send the POST and its body (the metric lands)."""
+    proxy.redirect(status, mlflow_server.url)
+    raw = requests.post(
+        proxy.url + LOG_BATCH + "?q=1",
+        json=one_metric(server_run),
+        allow_redirects=False,
+        timeout=10,
+    )
+    assert (raw.status_code, raw.headers["Location"]) == (
+        status,
+        mlflow_server.url + LOG_BATCH + "?q=1",
+    )
+
+    followed = requests.post(proxy.url + LOG_BATCH, json=one_metric(server_run), timeout=10)
+    assert [r.status_code for r in followed.history] == [status]
+    assert (followed.request.method, followed.status_code) == (method, answer)
+    assert followed.url == mlflow_server.url + LOG_BATCH
+    if answer == 405:
+        assert followed.request.body is None
+        assert followed.content == METHOD_NOT_ALLOWED_PAGE
+    landed = MlflowClient(mlflow_server.url).get_run(server_run).data.metrics
+    assert ("rig" in landed) == (method == "POST")
+    assert proxy.served_paths == {LOG_BATCH: 2} and proxy.served["redirected"] == 2
+
+
+def test_missing_answers_as_a_server_without_the_endpoint(proxy: FaultProxy) -> None:
+    proxy.missing.add("/v1/traces")  # as before: 501
+    assert requests.post(proxy.url + "/v1/traces", data=b"x", timeout=10).status_code == 501
+    proxy.lack("/v1/traces")  # an MLflow 2.x or a plain web server: Werkzeug's 404 page
+    not_found = requests.post(proxy.url + "/v1/traces?x=1", data=b"x", timeout=10)
+    assert (not_found.status_code, not_found.content) == (404, NOT_FOUND_PAGE)
+    assert not_found.headers["Content-Type"] == "text/html; charset=utf-8"
+    proxy.lack(LOG_BATCH, status=405)
+    not_allowed = requests.post(proxy.url + LOG_BATCH, json={}, timeout=10)
+    assert (not_allowed.status_code, not_allowed.content) == (405, METHOD_NOT_ALLOWED_PAGE)
+    assert not_allowed.headers["Allow"] == "GET, HEAD"
+    assert requests.post(proxy.url + SEARCH, json={"max_results": 1}, timeout=10).ok
+    with pytest.raises(ValueError):
+        proxy.lack("/x", status=500)
+
+    proxy.clear()
+    assert requests.post(proxy.url + LOG_BATCH, json={}, timeout=10).status_code == 400  # MLflow's
+    assert proxy.served["missing"] == 3 and proxy.served_paths["/v1/traces"] == 2
+
+
+def test_the_faults_of_before_still_apply_and_are_counted_by_path(
+    proxy: FaultProxy, server_run: str
+) -> None:
+    proxy.fail(1, 429, retry_after=2)
+    proxy.reset(1)
+    proxy.html(n=1)  # queued faults come first, then the modes
+    throttled = requests.post(proxy.url + SEARCH, json={"max_results": 1}, timeout=10)
+    assert (throttled.status_code, throttled.headers["Retry-After"]) == (429, "2")
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.post(proxy.url + SEARCH, json={"max_results": 1}, timeout=10)
+    assert requests.post(proxy.url + SEARCH, json={}, timeout=10).content == LOGIN_PAGE
+    proxy.refuse = lambda body: body["metrics"][0]["step"] == 7
+    refused = requests.post(proxy.url + LOG_BATCH, json=one_metric(server_run, 7), timeout=10)
+    assert (refused.status_code, refused.json()["error_code"]) == (400, "INVALID_PARAMETER_VALUE")
+    assert requests.post(proxy.url + LOG_BATCH, json=one_metric(server_run, 8), timeout=10).ok
+    assert {k: v for k, v in proxy.served.items() if v} == {
+        "failed": 1,
+        "reset": 1,
+        "html": 1,
+        "refused": 1,
+        "forwarded": 1,
+    }
+    assert proxy.served_paths == {SEARCH: 3, LOG_BATCH: 2}
+
+
+def test_clear_stops_every_mode_at_once(proxy: FaultProxy, mlflow_server: MlflowServer) -> None:
+    proxy.fail(5, 503)
+    proxy.reset(2)
+    proxy.delay = 0.5
+    proxy.refuse = lambda body: True
+    proxy.html()
+    proxy.redirect(302, mlflow_server.url)
+    proxy.lack(SEARCH)
+    proxy.clear()
+    started = time.monotonic()
+    answer = requests.post(
+        proxy.url + SEARCH, json={"max_results": 1}, allow_redirects=False, timeout=10
+    )
+    assert (answer.status_code, answer.headers["Content-Type"]) == (200, "application/json")
+    assert time.monotonic() - started < 0.5
+    assert proxy.served["forwarded"] == 1 and proxy.served["failed"] == 0

@@ -1,13 +1,13 @@
 """Real parts for tests and benchmarks: an `mlflow server` (plain, or with MLflow's basic-auth
-app), a fault-injecting proxy, and a scratch PostgreSQL database (this machine's,
-127.0.0.1:5432, trust auth, database `test`).
+app), a fault-injecting proxy, and a scratch PostgreSQL database (this
+machine's, 127.0.0.1:5432, trust auth, database `test`).
 
 The server starts on 127.0.0.1 in its own process group with the job runner off (it would
 keep both cores busy for half a minute and can outlive a SIGTERM of the server); `stop` ends
 the whole group. `FaultProxy` sits in front of it on loopback and, on request, answers 503 or
-429 with Retry-After, adds latency, resets connections, or refuses chosen log-batch requests;
-`AuthServer` is the server with MLflow's basic-auth app (issue 16: the deployments users
-actually have). Everything listens on 127.0.0.1 only.
+429 with Retry-After, adds latency, resets connections, refuses chosen log-batch requests,
+answers an HTML login page with 200, redirects, or plays a server without an endpoint: the
+deployments users actually have (issue 16). Everything listens on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -373,6 +374,35 @@ class AuthServer(MlflowServer):
         return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
 
 
+# What an SSO proxy or a maintenance page answers in front of a server: 200, and not MLflow's.
+LOGIN_PAGE = (
+    b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n<body><h1>Sign in</h1>\n"
+    b'<form method="post" action="/login"><input name="username">'
+    b'<input name="password" type="password"><button>Sign in</button></form>\n</body></html>\n'
+)
+# What Werkzeug answers for a path or a method a Flask app lacks; MLflow 3.17 serves these very
+# pages (measured), and so does a 2.x server for /v1/traces, which it does not have.
+NOT_FOUND_PAGE = (
+    b"<!doctype html>\n<html lang=en>\n<title>404 Not Found</title>\n<h1>Not Found</h1>\n"
+    b"<p>The requested URL was not found on the server. If you entered the URL manually please "
+    b"check your spelling and try again.</p>\n"
+)
+METHOD_NOT_ALLOWED_PAGE = (
+    b"<!doctype html>\n<html lang=en>\n<title>405 Method Not Allowed</title>\n"
+    b"<h1>Method Not Allowed</h1>\n<p>The method is not allowed for the requested URL.</p>\n"
+)
+HTML = "text/html; charset=utf-8"
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+MISSING_STATUSES = (404, 405, 501)
+
+
+@dataclass
+class _HtmlMode:
+    remaining: int | None  # None: until cleared
+    matches: Callable[[str], bool]
+    body: bytes
+
+
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of ``target_port`` that injects faults on demand.
 
@@ -380,20 +410,42 @@ class FaultProxy:
     retry_after)`` answers ``status`` to the next n requests, ``reset(n)`` resets the next n
     connections mid-request, ``delay`` adds seconds to every request, and ``refuse`` answers
     400 INVALID_PARAMETER_VALUE to every log-batch request whose JSON body it matches.
+
+    Modes, until `clear`: `redirect` sends every request elsewhere, `html` answers 200 with a
+    login page, a path in ``missing`` is answered as by a server without that endpoint (501, or
+    the status `lack` chose). A request meets them in this order: queued fail/reset, redirect,
+    html, missing, refuse, then it is forwarded. ``served`` counts outcomes, ``served_paths``
+    every request that arrived, by path (without the query).
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.delay = 0.0
         self.refuse: Callable[[dict[str, Any]], bool] | None = None
-        self.missing: set[str] = set()  # paths answered 501 (an endpoint the server lacks)
-        self.served: dict[str, int] = {"forwarded": 0, "failed": 0, "reset": 0, "refused": 0}
+        self.missing: set[str] = set()  # paths answered as missing (an endpoint the server lacks)
+        self.missing_status: dict[str, int] = {}  # their status, when not 501
+        self.served: dict[str, int] = dict.fromkeys(self._OUTCOMES, 0)
+        self.served_paths: dict[str, int] = {}
         self._faults: list[tuple[str, int, int | None]] = []  # (kind, status, retry_after)
+        self._html: _HtmlMode | None = None
+        self._redirect: tuple[int, str] | None = None
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )  # a short poll: shutdown() waits for it, at the end of every test that has a proxy
+
+    _OUTCOMES = (
+        "forwarded",
+        "failed",
+        "reset",
+        "refused",
+        "html",
+        "redirected",
+        "missing",
+    )
 
     @property
     def url(self) -> str:
@@ -407,9 +459,89 @@ class FaultProxy:
         with self._lock:
             self._faults += [("reset", 0, None)] * n
 
+    def html(
+        self,
+        n: int | None = None,
+        paths: str | Callable[[str], bool] | None = None,
+        *,
+        body: bytes = LOGIN_PAGE,
+    ) -> None:
+        """Answer 200 ``text/html`` with ``body`` (a login page, as an SSO proxy or a
+        maintenance page would) to the next ``n`` requests whose path matches ``paths`` (a
+        prefix or a predicate on the path without its query; None: every path); ``n=None``
+        until cleared."""
+        prefix = paths if isinstance(paths, str) else ""
+        matches = paths if callable(paths) else lambda path: path.startswith(prefix)
+        with self._lock:
+            self._html = _HtmlMode(n, matches, body) if n is None or n > 0 else None
+
+    def redirect(self, status: int, location: str) -> None:
+        """Answer every request (until cleared) ``status`` with ``Location: location +
+        the request's path and query``, e.g. ``redirect(308, server.url)``."""
+        if status not in REDIRECT_STATUSES:
+            raise ValueError(f"not a redirect status: {status}")
+        with self._lock:
+            self._redirect = (status, location.rstrip("/"))
+
+    def lack(self, *paths: str, status: int = 404) -> None:
+        """Answer these paths as a server without them: 404 with Werkzeug's HTML page (a plain
+        web server, an MLflow 2.x without ``/v1/traces``), 405 with its HTML page and an
+        ``Allow`` header (a static server that takes no POST), or 501 ``not implemented``."""
+        if status not in MISSING_STATUSES:
+            raise ValueError(f"status {status} is not one of {MISSING_STATUSES}")
+        with self._lock:
+            self.missing.update(paths)
+            self.missing_status.update(dict.fromkeys(paths, status))
+
+    def clear(self, *, counts: bool = False) -> None:
+        """Stop every fault and mode (queued failures and resets, delay, refuse, missing, html,
+        redirect); with ``counts``, zero ``served`` and ``served_paths`` too."""
+        with self._lock:
+            self._faults.clear()
+            self.delay = 0.0
+            self.refuse = None
+            self.missing.clear()
+            self.missing_status.clear()
+            self._html = None
+            self._redirect = None
+            if counts:
+                self.served.update(dict.fromkeys(self.served, 0))
+                self.served_paths.clear()
+
     def _next_fault(self) -> tuple[str, int, int | None] | None:
         with self._lock:
             return self._faults.pop(0) if self._faults else None
+
+    def _count(self, outcome: str) -> None:
+        with self._lock:
+            self.served[outcome] = self.served.get(outcome, 0) + 1
+
+    def _arrived(self, path: str) -> None:
+        with self._lock:
+            self.served_paths[path] = self.served_paths.get(path, 0) + 1
+
+    def _take_html(self, path: str) -> bytes | None:
+        """The page to answer ``path`` with, if html mode wants it (one of its n spent)."""
+        with self._lock:
+            mode = self._html
+            if mode is None or not mode.matches(path):
+                return None
+            if mode.remaining is not None:
+                mode.remaining -= 1
+                if mode.remaining <= 0:
+                    self._html = None
+            return mode.body
+
+    def _missing_answer(self, path: str) -> tuple[int, bytes, dict[str, str]] | None:
+        with self._lock:
+            if path not in self.missing:
+                return None
+            status = self.missing_status.get(path, 501)
+        if status == 404:
+            return 404, NOT_FOUND_PAGE, {"Content-Type": HTML}
+        if status == 405:
+            return 405, METHOD_NOT_ALLOWED_PAGE, {"Content-Type": HTML, "Allow": "GET, HEAD"}
+        return status, b"not implemented", {}
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()
@@ -430,11 +562,13 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                proxy._arrived(path)
                 if proxy.delay:
                     time.sleep(proxy.delay)
                 fault = proxy._next_fault()
                 if fault is not None and fault[0] == "reset":
-                    proxy.served["reset"] += 1
+                    proxy._count("reset")
                     self.connection.setsockopt(
                         socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                     )
@@ -442,20 +576,34 @@ class FaultProxy:
                     self.close_connection = True
                     return
                 if fault is not None:
-                    proxy.served["failed"] += 1
+                    proxy._count("failed")
                     headers = {"Retry-After": str(fault[2])} if fault[2] is not None else {}
                     self._answer(fault[1], b"unavailable", headers)
                     return
-                if self.path.split("?")[0] in proxy.missing:
-                    self._answer(501, b"not implemented", {})
+                redirect = proxy._redirect
+                if redirect is not None:
+                    proxy._count("redirected")
+                    location = redirect[1] + self.path
+                    moved = f'<a href="{location}">moved</a>\n'.encode()
+                    self._answer(redirect[0], moved, {"Location": location, "Content-Type": HTML})
+                    return
+                page = proxy._take_html(path)
+                if page is not None:
+                    proxy._count("html")
+                    self._answer(200, page, {"Content-Type": HTML})
+                    return
+                missing = proxy._missing_answer(path)
+                if missing is not None:
+                    proxy._count("missing")
+                    self._answer(*missing)
                     return
                 refuse = proxy.refuse
                 if (
                     refuse is not None
-                    and self.path.endswith("/runs/log-batch")
+                    and path.endswith("/runs/log-batch")
                     and refuse(json.loads(body or b"{}"))
                 ):
-                    proxy.served["refused"] += 1
+                    proxy._count("refused")
                     message = {
                         "error_code": "INVALID_PARAMETER_VALUE",
                         "message": "refused by the test proxy: bad entity",
@@ -480,7 +628,7 @@ class FaultProxy:
                         for k, v in response.getheaders()
                         if k.lower() not in {"transfer-encoding", "connection", "content-length"}
                     }
-                    proxy.served["forwarded"] += 1
+                    proxy._count("forwarded")
                     self._answer(response.status, data, keep)
                 except OSError:
                     self._answer(502, b"upstream unreachable", {})
