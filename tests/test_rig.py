@@ -1,6 +1,6 @@
 """Self-tests of the rig for the deployments users actually have (issue 16): the basic-auth
-server and the proxy's html, redirect and missing modes. Each test proves the rig does what its
-docstring says, with a plain ``requests`` client or ``MlflowClient``; none
+server, the proxy's html, redirect and missing modes, and the TLS front. Each test proves the
+rig does what its docstring says, with a plain ``requests`` client or ``MlflowClient``; none
 involves the sink."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
@@ -21,6 +22,7 @@ from support.servers import (
     AuthServer,
     FaultProxy,
     MlflowServer,
+    make_certificate,
 )
 
 LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
@@ -301,3 +303,44 @@ def test_clear_stops_every_mode_at_once(proxy: FaultProxy, mlflow_server: Mlflow
     assert (answer.status_code, answer.headers["Content-Type"]) == (200, "application/json")
     assert time.monotonic() - started < 0.5
     assert proxy.served["forwarded"] == 1 and proxy.served["failed"] == 0
+
+
+# -- the TLS front ----------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_the_tls_front_serves_mlflow_and_fails_verification_without_the_ca(
+    mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "SSL_CERT_FILE",
+        "MLFLOW_TRACKING_INSECURE_TLS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    certificate = make_certificate(tmp_path / "tls")
+    with FaultProxy(mlflow_server.port, tls=certificate) as front:
+        assert front.url.startswith("https://127.0.0.1:")
+        health = requests.get(front.url + "/health", verify=str(certificate.ca_path), timeout=10)
+        assert (health.status_code, health.text) == (200, "OK")
+        assert requests.get(front.url + "/health", verify=False, timeout=10).status_code == 200
+        with pytest.raises(requests.exceptions.SSLError, match="CERTIFICATE_VERIFY_FAILED"):
+            requests.get(front.url + "/health", timeout=10)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate.ca_path))
+        assert requests.get(front.url + "/health", timeout=10).status_code == 200
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        client = MlflowClient(front.url)
+        with pytest.raises(MlflowException, match="CERTIFICATE_VERIFY_FAILED"):
+            client.search_experiments(max_results=1)
+        monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(certificate.ca_path))
+        assert client.search_experiments(max_results=1)
+        monkeypatch.delenv("MLFLOW_TRACKING_SERVER_CERT_PATH")
+        monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+        assert client.search_experiments(max_results=1)
+        deadline = time.monotonic() + 5  # the refused handshakes end in the proxy's threads
+        while front.served["handshake_failed"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert front.served["handshake_failed"] >= 2

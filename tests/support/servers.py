@@ -1,5 +1,5 @@
 """Real parts for tests and benchmarks: an `mlflow server` (plain, or with MLflow's basic-auth
-app), a fault-injecting proxy, and a scratch PostgreSQL database (this
+app), a fault-injecting proxy (plain HTTP or TLS), and a scratch PostgreSQL database (this
 machine's, 127.0.0.1:5432, trust auth, database `test`).
 
 The server starts on 127.0.0.1 in its own process group with the job runner off (it would
@@ -15,12 +15,14 @@ from __future__ import annotations
 import base64
 import configparser
 import contextlib
+import datetime
 import getpass
 import http.client
 import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -374,6 +376,94 @@ class AuthServer(MlflowServer):
         return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password}
 
 
+@dataclass(frozen=True)
+class Certificate:
+    """A throwaway TLS identity for 127.0.0.1 and localhost: ``ca_path`` is what a client
+    trusts (``REQUESTS_CA_BUNDLE``, ``MLFLOW_TRACKING_SERVER_CERT_PATH``), ``cert_path`` and
+    ``key_path`` what the server presents."""
+
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
+
+
+def make_certificate(
+    directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")
+) -> Certificate:
+    """A test CA and a server certificate it signs for ``hosts``, written under ``directory``
+    (made at test time with ``cryptography``, which mlflow installs). A CA and a leaf rather
+    than one self-signed leaf, so strict X.509 verification accepts the chain too."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def usage(**allowed: bool) -> x509.KeyUsage:
+        flags = "digital_signature content_commitment key_encipherment data_encipherment"
+        flags += " key_agreement key_cert_sign crl_sign encipher_only decipher_only"
+        return x509.KeyUsage(**{flag: allowed.get(flag, False) for flag in flags.split()})
+
+    def alt_name(host: str) -> x509.GeneralName:
+        try:
+            return x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            return x509.DNSName(host)
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    begin, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("rlm-mlflow test CA"))
+        .issuer_name(name("rlm-mlflow test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(begin)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage(digital_signature=True, key_cert_sign=True, crl_sign=True), True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(name(hosts[0]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(begin)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([alt_name(h) for h in hosts]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    certificate = Certificate(
+        directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    )
+    certificate.ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    certificate.cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    certificate.key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certificate
+
+
 # What an SSO proxy or a maintenance page answers in front of a server: 200, and not MLflow's.
 LOGIN_PAGE = (
     b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head>\n<body><h1>Sign in</h1>\n"
@@ -403,8 +493,20 @@ class _HtmlMode:
     body: bytes
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that refuses our certificate or drops its connection is a test's business,
+    not a traceback on stderr."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # ssl.SSLError, resets, broken pipes
+            return
+        super().handle_error(request, client_address)
+
+
 class FaultProxy:
-    """An HTTP proxy on 127.0.0.1 in front of ``target_port`` that injects faults on demand.
+    """An HTTP(S) proxy on 127.0.0.1 in front of ``target_port`` that injects faults on demand.
 
     Faults apply to the next requests in the order they were set: ``fail(n, status,
     retry_after)`` answers ``status`` to the next n requests, ``reset(n)`` resets the next n
@@ -416,10 +518,14 @@ class FaultProxy:
     the status `lack` chose). A request meets them in this order: queued fail/reset, redirect,
     html, missing, refuse, then it is forwarded. ``served`` counts outcomes, ``served_paths``
     every request that arrived, by path (without the query).
+
+    With ``tls`` it speaks HTTPS (``url`` says ``https://``) and forwards in plain HTTP: a TLS
+    front for the plain server, whose handshakes that fail count as ``served["handshake_failed"]``.
     """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, *, tls: Certificate | None = None) -> None:
         self.target_port = target_port
+        self.tls = tls
         self.delay = 0.0
         self.refuse: Callable[[dict[str, Any]], bool] | None = None
         self.missing: set[str] = set()  # paths answered as missing (an endpoint the server lacks)
@@ -430,8 +536,15 @@ class FaultProxy:
         self._html: _HtmlMode | None = None
         self._redirect: tuple[int, str] | None = None
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler())
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls.cert_path, tls.key_path)
+            # The handshake happens in the request's thread (Handler.setup), so a client that
+            # stalls or refuses the certificate never holds up the accept loop.
+            self._server.socket = context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -445,11 +558,13 @@ class FaultProxy:
         "html",
         "redirected",
         "missing",
+        "handshake_failed",
     )
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def fail(self, n: int, status: int, retry_after: int | None = None) -> None:
         with self._lock:
@@ -559,6 +674,18 @@ class FaultProxy:
 
             def log_message(self, format: str, *args: Any) -> None:  # quiet
                 pass
+
+            def setup(self) -> None:
+                tls = self.request  # the accepted socket (``connection`` once set up)
+                if isinstance(tls, ssl.SSLSocket):
+                    tls.settimeout(10)
+                    try:
+                        tls.do_handshake()
+                    except OSError:
+                        proxy._count("handshake_failed")
+                        raise
+                    tls.settimeout(None)
+                super().setup()
 
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
