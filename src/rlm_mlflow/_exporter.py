@@ -234,6 +234,9 @@ class RetryPolicy:
         self.before_sleep = before_sleep
         self.misconfigured = misconfigured  # told of each configuration refusal
         self.answered = answered  # told of each call that got MLflow's answer
+        #: A close's last attempt: a configuration error is not waited out, so that every
+        #: run still gets its ``set_terminated`` tried before the deadline.
+        self.closing = False
         self._backoff = wait_random_exponential(multiplier=0.25, max=10)
 
     def wait(self, state: RetryCallState) -> float:
@@ -270,7 +273,8 @@ class RetryPolicy:
     ) -> T:
         """``call()`` under the policy: `attempts` for what ``retry_on`` accepts; a
         configuration error (never one of those) is tried again at `MISCONFIGURED_RETRY_S`'s
-        pace for as long as it lasts (the caller's cancel scope ends it: a close)."""
+        pace for as long as it lasts (the caller's cancel scope ends it: a close), except in
+        a close's last attempt (`closing`)."""
         pause = MISCONFIGURED_RETRY_S[0]
         while True:
             try:
@@ -281,6 +285,8 @@ class RetryPolicy:
                         result = await call()
             except Misconfigured as exc:
                 self.misconfigured(exc)
+                if self.closing:
+                    raise
                 await anyio.sleep(pause)
                 pause = min(2 * pause, MISCONFIGURED_RETRY_S[1])
                 continue

@@ -101,6 +101,7 @@ def request_failure(exc: Exception, uri: str, what: str) -> Exception:
 def _redirected(response: Any, where: str) -> Misconfigured:
     location = response.headers.get("Location", "")
     target = urllib.parse.urljoin(response.url or "", location) if location else "elsewhere"
+    target = urllib.parse.urlunsplit(urllib.parse.urlsplit(target)._replace(query="", fragment=""))
     path = urllib.parse.urlsplit(response.url or "").path
     base = target[: -len(path)] if path and target.endswith(path) else target
     return Misconfigured(

@@ -306,8 +306,9 @@ class MLflowSink:
         }
         if worker is None or self._forwarder is None:
             return status
-        stats, buffer = worker.stats, self._forwarder.buffer
-        queued = len(buffer)
+        buffer = self._forwarder.buffer
+        stats = worker.final or worker.stats  # final: the counts a close settled on
+        queued = 0 if worker.final is not None else len(buffer)
         status.update(
             tracking_uri=worker.resolved_uri,
             queued=queued,

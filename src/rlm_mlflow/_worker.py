@@ -20,6 +20,7 @@ a close deadline, a park), each in a method of its own; the sending is the lane'
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -52,6 +53,8 @@ from ._settings import Settings
 IDLE_PARK_S = 20.0
 #: At most this many seconds of a close's timeout are kept for the last attempt to end runs.
 LAST_ATTEMPT_S = 5.0
+#: Seconds past the close deadline that close() waits for the worker's final tally.
+JOIN_GRACE_S = 1.0
 
 
 class Worker:
@@ -99,6 +102,9 @@ class Worker:
         self._state = threading.RLock()  # re-entrant: a signal handler may close meanwhile
         self._tg: TaskGroup | None = None
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()  # the final tally is made: stopped for good
+        #: The counts close() settled on when the worker did not stop in time (see `join`).
+        self.final: Stats | None = None
         buffer.unpark = self._unpark
 
     @property
@@ -150,10 +156,36 @@ class Worker:
         self._buffer.wakeup.set()
 
     def join(self, deadline: float) -> None:
-        """Wait for the thread to end (a second past ``deadline`` at most)."""
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        """Wait for the worker's final tally, `JOIN_GRACE_S` past ``deadline`` at most. The
+        end of an aborted loop is bounded by the deadline, so it comes; should it not (a
+        worker that never ran, or one stuck in a call that ignores cancellation), the counts
+        are settled here, as the worker would have: what it still holds is not delivered.
+        So close() returns with counts that are final either way."""
+        if self._done.is_set() or self._thread is threading.current_thread():
+            return
+        if self._buffer.loop_thread == threading.get_ident():
+            return  # close() on the loop the worker runs in: it cannot end while we wait
+        if self.alive and self._done.wait(max(0.0, deadline - time.monotonic()) + JOIN_GRACE_S):
+            return
+        self._settle()
+
+    def _settle(self) -> None:
+        with self._state:
+            if self._done.is_set() or self.final is not None:
+                return
+            final = dataclasses.replace(self.outcomes.stats)
+            queued, held = len(self._buffer), final.inflight
+            final.drained += queued
+            final.failed += queued  # never journalled
+            if self.outcomes.spooling:
+                final.spooled += held  # journalled; the journal stays for a sync
+            else:
+                final.failed += held
+            self.final = final
+        log.error(
+            "the worker did not stop in time; what it still held is counted as not delivered",
+            events=queued + held,
+        )
 
     @property
     def alive(self) -> bool:
@@ -191,6 +223,7 @@ class Worker:
                 self._loops -= 1
             if not parked:  # stopped for good: nobody may wait on a marker any more
                 self._router.markers.release()
+                self._done.set()
 
     async def _main(self) -> bool:
         """Drain, route, repeat; until closed and idle, or aborted (False), or parked (True)."""
@@ -334,6 +367,7 @@ class Worker:
         if left:
             self._count_unrouted()
         if self._abort and self._sending.connection is not None and self.unavailable is None:
+            self._policy.closing = True
             with anyio.move_on_after(max(0.0, self._stop_by - time.monotonic())):
                 await self._last_attempt()
         self._report_drops(quiet=0.0)
