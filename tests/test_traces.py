@@ -271,3 +271,31 @@ def test_rlm_codes_real_runner_fills_the_traces_tab(
         assert all("code" in s.inputs for s in steps if s.inputs["action"] == "run_python")
         assert trace.info.token_usage["input_tokens"] > 0
         assert json.dumps(trace.data.spans[0].to_dict())  # a trace MLflow can serialise
+
+
+def test_a_batch_of_spans_sent_twice_to_the_embedded_store_lands_once_unchanged(
+    embedded_uri: str, experiment: str
+) -> None:
+    # A retried (or bisected) batch is the very list the first attempt sent: the exporter
+    # must not rewrite it, or the second attempt fails for good.
+    import copy
+
+    from rlm_mlflow import _spans
+    from rlm_mlflow._mlflow_client import MlflowClientExporter
+
+    client = MlflowClient(embedded_uri)
+    exporter = MlflowClientExporter(client)
+    exporter.experiment_id = exporter.experiment(experiment, restore=False)
+    run_id = exporter.create_run("twice", 1_000, {"run_id": "twice"})
+    key = "twice-key"
+    span = {"name": "run_python", "inputs": {"code": "print(1)"}, "outputs": {"ok": True}}
+    spans = [_spans.step_span(key, s, s, s + 0.5, 0.5, 0.5 * s, span, None) for s in (1, 2, 3)]
+    spans.append(_spans.root_span(key, "twice", 0.0, 4.0, {}, {}, 0, None, True))
+    sent = copy.deepcopy(spans)
+    exporter.log_spans(run_id, spans, True)
+    assert spans == sent  # the caller's batch is as it was
+    exporter.log_spans(run_id, spans, True)  # the retry: the same list again
+    assert spans == sent
+    (trace,) = traces_of(client, client.get_run(run_id))
+    names = sorted(s.name for s in trace.data.spans)
+    assert names == ["step 1: run_python", "step 2: run_python", "step 3: run_python", "twice"]
