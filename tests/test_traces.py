@@ -299,3 +299,35 @@ def test_a_batch_of_spans_sent_twice_to_the_embedded_store_lands_once_unchanged(
     (trace,) = traces_of(client, client.get_run(run_id))
     names = sorted(s.name for s in trace.data.spans)
     assert names == ["step 1: run_python", "step 2: run_python", "step 3: run_python", "twice"]
+
+
+def test_a_lone_surrogate_in_a_steps_text_is_replaced_and_its_span_lands(
+    tracking_uri: str, experiment: str, readback: Readback
+) -> None:
+    # Bytes decoded with surrogateescape (a subprocess's output, a file name) give lone
+    # surrogates, which cannot be encoded as UTF-8: the text is repaired, not the span lost.
+    broken = b"caf\xff done".decode("utf-8", "surrogateescape")
+    sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri, traces=True)
+    sink.on_run_start("surrogate", task="t", environment="generic", params={})
+    for step in range(1, 51):
+        event = step_event(step)
+        if step == 25:
+            event["action"] = {"action": "run\udcff", "code": broken, "key\udcff": 1}
+            event["observation"] = {"success": True, "stdout": broken, "nested": [broken]}
+        sink.on_step("surrogate", event=event, cumulative_reward=0.5 * step)
+    usage = {"total_calls": 50, "prompt_tokens": 5000, "completion_tokens": 500}
+    sink.on_run_end("surrogate", result=Result(50, 25.0, broken, usage), run_path=None)
+    assert sink.close(timeout=60)
+    status = sink.status()
+    assert status["delivered"] == 52 and status["pending"] == 0
+    assert status["dead_lettered"] == status["failed"] == status["rejected"] == 0
+    (trace,) = traces_of(readback.client, readback.runs()["surrogate"])
+    spans = {attribute(s, "rlm.step"): s for s in trace.data.spans if s.parent_id}
+    assert sorted(spans) == list(range(1, 51))  # every step's span, the repaired one too
+    repaired = spans[25]
+    assert repaired.name == "step 25: run\ufffd"
+    assert repaired.inputs == {"action": "run\ufffd", "code": "caf\ufffd done", "key\ufffd": 1}
+    assert repaired.outputs["stdout"] == "caf\ufffd done"
+    assert json.loads(repaired.outputs["nested"]) == ["caf\ufffd done"]
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    assert root.outputs["final_response"] == "caf\ufffd done"
