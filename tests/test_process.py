@@ -251,3 +251,45 @@ def test_the_sink_imports_and_works_without_the_posix_only_names(
     assert "no file locking" in done.stderr
     runs = Readback(embedded_uri, experiment).runs()
     assert sorted(runs) == ["with-spool", "without"]
+
+
+FORGOTTEN_TASK_SINK = """
+import json, anyio
+from rlm_mlflow import MLflowSink
+sink = MLflowSink(True, experiment={experiment!r}, tracking_uri={uri!r}, worker="task")
+
+async def benchmark():
+    {enter}
+    sink.on_run_start("forgotten", task="t", environment="e", params={{}})
+    for step in range(50):
+        await anyio.sleep(0)  # the awaited LLM call
+        sink.on_step("forgotten", event={{"step": step, "reward": 1.0}}, cumulative_reward=step)
+
+anyio.run(benchmark, backend={backend!r})
+print("RESULT", json.dumps("the loop is gone, the sink was never closed"))
+"""
+
+
+@pytest.mark.parametrize(
+    ("backend", "enter"),
+    [
+        pytest.param("asyncio", "pass  # no worker ever ran", id="asyncio-never-entered"),
+        pytest.param("trio", "pass  # no worker ever ran", id="trio-never-entered"),
+        pytest.param(
+            "asyncio",
+            "await sink.__aenter__()  # never exited: asyncio.run cancels the worker task",
+            id="asyncio-never-exited",
+        ),
+    ],
+)
+def test_a_task_mode_sink_never_closed_still_ends_its_runs_at_exit(
+    tracking_uri: str, experiment: str, readback: Readback, backend: str, enter: str
+) -> None:
+    script = FORGOTTEN_TASK_SINK.format(
+        experiment=experiment, uri=tracking_uri, backend=backend, enter=enter
+    )
+    out = run_python(script)
+    assert out == "the loop is gone, the sink was never closed"
+    run = readback.runs()["forgotten"]
+    assert run.info.status == "KILLED"
+    assert [m.step for m in readback.history(run, "step_reward")] == list(range(50))
