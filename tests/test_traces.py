@@ -255,9 +255,10 @@ def test_rlm_codes_real_runner_fills_the_traces_tab(
         run_scripted(tmp_path)
         from rlm_code.rlm.observability import RLMObservability
 
-        sink = RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs").get_sink(
+        slot = RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs").get_sink(
             "mlflow"
         )
+        sink = slot.shared  # rlm-code's MLflowSink class in the slot, ours behind it
         assert isinstance(sink, MLflowSink) and sink.close(timeout=60)
     finally:
         rlm_mlflow.autolog(disable=True)
