@@ -386,6 +386,102 @@ def test_instrument_says_in_one_line_when_the_interpreter_has_no_rlm_code(
     assert len(lines) == 1, done.stderr
 
 
+# -c code that says whether our sitecustomize ran, then exits with a code of its own
+RAN = "import sys; print('ran', 'rlm_mlflow' in sys.modules); sys.exit(5)"
+
+
+def enabled_env() -> dict[str, str]:
+    """The environment with the slot on: the only line instrument may say is ours here."""
+    return {**os.environ, "DSPY_RLM_MLFLOW_ENABLED": "true"}
+
+
+@pytest.mark.parametrize("flags", [["-I"], ["-E"], ["-IS"], ["-sE"], ["-X", "dev", "-I"]])
+def test_instrument_says_in_one_line_when_python_skips_its_sitecustomize(
+    flags: list[str],
+) -> None:
+    done = instrument(sys.executable, *flags, "-c", RAN, env=enabled_env())
+    assert done.returncode == 5  # the command ran, unchanged
+    assert done.stdout.split() == ["ran", "False"]  # and indeed without autolog
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("rlm-mlflow instrument: cannot instrument this command")
+    assert "ignores PYTHONPATH" in line and "rlm_mlflow.autolog()" in line
+    assert "-I" in line if "I" in "".join(flags) else "-E" in line
+
+
+@pytest.mark.parametrize(
+    "shebang", ["#!{python} -E", "#!/usr/bin/env -S {python} -I"], ids=["path", "env"]
+)
+def test_instrument_reads_the_shebang_of_a_script_run_by_name(tmp_path: Path, shebang: str) -> None:
+    script = tmp_path / "bench"
+    script.write_text(shebang.format(python=sys.executable) + "\n" + RAN.replace("; ", "\n"))
+    script.chmod(0o755)
+    done = instrument(str(script), env=enabled_env())
+    assert done.returncode == 5
+    assert done.stdout.split() == ["ran", "False"]
+    (line,) = done.stderr.splitlines()
+    assert "cannot instrument this command" in line and "ignores PYTHONPATH" in line
+
+
+def test_instrument_says_nothing_for_a_python_that_runs_its_sitecustomize(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "bench"
+    script.write_text(f"#!{sys.executable} -u\n" + RAN.replace("; ", "\n"))
+    script.chmod(0o755)
+    for command in ([sys.executable, "-u", "-W", "ignore", "-c", RAN], [str(script)]):
+        done = instrument(*command, env=enabled_env())
+        assert done.returncode == 5
+        assert done.stdout.split() == ["ran", "True"]
+        assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [
+        (["python3", "-I", "x.py"], ["I"]),
+        (["/usr/bin/python3.11", "-sEu", "x.py"], ["E"]),
+        (["python", "-IS", "-c", "pass"], ["I", "S"]),
+        (["python", "-WI", "x.py"], []),  # "I" is -W's argument
+        (["python", "-W", "-I", "x.py"], []),  # so is the next word
+        (["python", "-X", "dev", "-E", "x.py"], ["E"]),
+        (["python", "--check-hash-based-pycs", "always", "-I"], ["I"]),
+        (["python", "-c", "-I"], []),  # the code
+        (["python", "-m", "bench", "-I"], []),  # the module's own argument
+        (["python", "x.py", "-I"], []),  # the script's
+        (["python", "-", "-E"], []),
+        (["git", "-I"], []),  # not Python
+    ],
+)
+def test_blind_flags_reads_a_pythons_options_only(command: list[str], flags: list[str]) -> None:
+    from rlm_mlflow._instrument import blind_flags
+
+    assert blind_flags(command) == flags
+
+
+@pytest.mark.parametrize(
+    ("line", "flags"),
+    [
+        (b"#!/usr/bin/env python3 -I", ["I"]),  # Linux passes "python3 -I" as one word
+        (b"#!/usr/bin/env -S python3 -I", ["I"]),
+        (b"#!/usr/bin/env FOO=1 python3 -E", ["E"]),
+        (b"#! /opt/py/bin/python -IS", ["I", "S"]),
+        (b"#!/usr/bin/python3", []),
+        (b"#!/bin/sh -e", []),
+        (b"\x7fELF\x02\x01", []),  # a binary
+    ],
+)
+def test_blind_flags_reads_a_scripts_shebang_line(
+    tmp_path: Path, line: bytes, flags: list[str]
+) -> None:
+    from rlm_mlflow._instrument import blind_flags
+
+    script = tmp_path / "bench"
+    script.write_bytes(line + b"\nprint(1)\n")
+    script.chmod(0o755)
+    assert blind_flags([str(script)]) == flags
+    assert blind_flags([str(tmp_path / "missing")]) == []
+
+
 def test_instrument_chains_to_the_sitecustomize_it_shadows(tmp_path: Path) -> None:
     theirs = tmp_path / "theirs"
     theirs.mkdir()
