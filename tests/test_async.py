@@ -91,3 +91,32 @@ async def test_a_full_buffer_never_blocks_the_loop_the_worker_runs_in(
     status = sink.status()
     assert status["pending"] == 0
     assert status["delivered"] + status["dropped"] == 1_002
+
+
+@pytest.mark.anyio
+async def test_a_task_cancelled_inside_async_with_still_closes_its_task_mode_sink(
+    tracking_uri: str, experiment: str, readback: Readback
+) -> None:
+    sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri, worker="task")
+    logged = anyio.Event()
+
+    async def benchmark() -> None:
+        async with sink:
+            sink.on_run_start("cancelled", task="t", environment="e", params={})
+            for step in range(100):
+                sink.on_step(
+                    "cancelled", event={"step": step, "reward": 1.0}, cumulative_reward=1.0
+                )
+            logged.set()
+            await anyio.sleep_forever()  # cancelled here, its run never ended
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(benchmark)
+        await logged.wait()
+        tg.cancel_scope.cancel()
+    status = sink.status()
+    assert status["closed"] and status["pending"] == 0
+    assert status["delivered"] == 101 and status["failed"] == 0
+    run = readback.runs()["cancelled"]
+    assert run.info.status == "KILLED"
+    assert [m.step for m in readback.history(run, "step_reward")] == list(range(100))

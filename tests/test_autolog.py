@@ -108,6 +108,7 @@ def autologged(rlm_env: None) -> Iterator[None]:
 def test_rlm_code_runner_sends_every_run_once_through_our_sink(
     autologged: None, tmp_path: Path, readback: Readback
 ) -> None:
+    from rlm_code.rlm import observability as rlm_obs
     from rlm_code.rlm.observability import RLMObservability
 
     connector = ScriptedConnector()
@@ -115,7 +116,8 @@ def test_rlm_code_runner_sends_every_run_once_through_our_sink(
     assert connector.children_overlapped()  # the two children really ran in parallel
     observability = RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs")
     mlflow_sinks = [sink for sink in observability.sinks if sink.name == "mlflow"]
-    assert len(mlflow_sinks) == 1 and isinstance(mlflow_sinks[0], MLflowSink)
+    assert len(mlflow_sinks) == 1 and isinstance(mlflow_sinks[0], rlm_obs.MLflowSink)
+    assert isinstance(mlflow_sinks[0].shared, MLflowSink)  # ours behind rlm-code's class
     sink = mlflow_sinks[0]
     assert sink.close(timeout=60)
     status = sink.status()
@@ -138,8 +140,10 @@ def test_runners_of_a_process_share_one_forwarder_per_destination(
         return sum(1 for t in threading.enumerate() if t.name == "rlm-mlflow")
 
     before = workers()
-    sinks = [
-        RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs").get_sink("mlflow")
+    sinks = [  # each slot holds an rlm-code MLflowSink; behind them, one of ours
+        RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs")
+        .get_sink("mlflow")
+        .shared
         for _ in range(100)
     ]
     assert len({id(sink) for sink in sinks}) == 1
@@ -147,13 +151,13 @@ def test_runners_of_a_process_share_one_forwarder_per_destination(
     # another experiment is another destination: a sink of its own
     monkeypatch.setenv("DSPY_RLM_MLFLOW_EXPERIMENT", experiment + "-other")
     other = RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs")
-    assert other.get_sink("mlflow") is not sinks[0]
-    for sink in (sinks[0], other.get_sink("mlflow")):
+    assert other.get_sink("mlflow").shared is not sinks[0]
+    for sink in (sinks[0], other.get_sink("mlflow").shared):
         assert isinstance(sink, MLflowSink) and sink.close(timeout=30)
     # a closed destination gets a fresh sink, not a closed one
     monkeypatch.setenv("DSPY_RLM_MLFLOW_EXPERIMENT", experiment)
     again = RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs")
-    fresh = again.get_sink("mlflow")
+    fresh = again.get_sink("mlflow").shared
     assert isinstance(fresh, MLflowSink) and fresh is not sinks[0] and not fresh.closed
     fresh.close(timeout=30)
 
@@ -169,6 +173,75 @@ def test_disable_gives_the_slot_back_to_rlm_code(tmp_path: Path) -> None:
     built = observability.RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs")
     sink = built.get_sink("mlflow")
     assert isinstance(sink, original) and not isinstance(sink, MLflowSink)
+
+
+def test_the_patched_name_stays_rlm_codes_class_for_isinstance_and_subclassing(
+    autologged: None,
+    tmp_path: Path,
+    experiment: str,
+    tracking_uri: str,
+    readback: Readback,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import rlm_code.rlm
+    from rlm_code.rlm import observability
+
+    from rlm_mlflow._autolog_sink import AutologSink
+
+    patched = observability.MLflowSink
+    original = AutologSink.__bases__[0]
+    assert patched is AutologSink and rlm_code.rlm.MLflowSink is patched
+    assert isinstance(patched, type) and issubclass(patched, original)
+    theirs = original(False, experiment)  # made by rlm-code's class, as before autolog
+    assert isinstance(theirs, original) and not isinstance(theirs, patched)  # not ours
+    post_inits: list[object] = []  # rlm-code's own set-up (import mlflow, set a global URI)
+    monkeypatch.setattr(original, "__post_init__", lambda self: post_inits.append(self))
+
+    slot = observability.RLMObservability.default(
+        workdir=tmp_path, run_dir=tmp_path / "runs"
+    ).get_sink("mlflow")
+    assert isinstance(slot, patched) and isinstance(slot, original)  # no TypeError
+    assert isinstance(slot.shared, MLflowSink)
+    # rlm-code's constructor and attributes
+    made = patched(enabled=True, experiment=experiment, tracking_uri=tracking_uri)
+    assert made.shared is slot.shared  # the same destination: the same forwarder
+    assert (made.name, made.enabled, made.experiment, made.tracking_uri) == (
+        "mlflow",
+        True,
+        experiment,
+        tracking_uri,
+    )
+    assert made.status()["name"] == "mlflow" and made.status()["experiment"] == experiment
+    assert made == made and made != slot and made in {made}  # not rlm-code's field compare
+    assert not patched(False, experiment).status()["enabled"]
+
+    seen: list[int] = []
+
+    class Recording(observability.MLflowSink):
+        def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
+            seen.append(event["step"])
+            super().on_step(run_id, event=event, cumulative_reward=cumulative_reward)
+
+    mine = Recording(True, experiment, tracking_uri)
+    assert isinstance(mine, original) and mine.shared is slot.shared  # still one worker
+    mine.on_run_start("subclassed", task="t", environment="e", params={})
+    for step in range(5):
+        mine.on_step("subclassed", event={"step": step, "reward": 1.0}, cumulative_reward=1.0)
+    result = {"completed": True, "steps": 5, "total_reward": 5.0}
+    mine.on_run_end("subclassed", result=result, run_path=None)
+    assert seen == [0, 1, 2, 3, 4]  # the overridden hook ran, each time
+    assert mine.close(timeout=60)  # the forwarder's lifecycle, through the instance
+    assert slot.closed and post_inits == []
+    run = readback.runs()["subclassed"]
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in readback.history(run, "step_reward")] == [0, 1, 2, 3, 4]
+
+    # Disabled again: rlm-code's class under both names; what was made meanwhile is still
+    # an instance of it, and of its subclass's class.
+    assert rlm_mlflow.autolog(disable=True)
+    assert observability.MLflowSink is original and rlm_code.rlm.MLflowSink is original
+    assert isinstance(slot, observability.MLflowSink) and isinstance(mine, Recording)
+    assert isinstance(theirs, observability.MLflowSink)
 
 
 def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -190,10 +263,13 @@ def test_autolog_before_rlm_code_is_imported_patches_it_on_import() -> None:
         assert rlm_mlflow.autolog() is True
         assert "rlm_code" not in sys.modules   # autolog never imports rlm-code itself
         from rlm_code.rlm import observability, MLflowSink
-        from rlm_mlflow._autolog import shared_sink
-        assert observability.MLflowSink is shared_sink and MLflowSink is shared_sink
+        from rlm_mlflow._autolog_sink import AutologSink
+        assert observability.MLflowSink is AutologSink and MLflowSink is AutologSink
+        original = AutologSink.__bases__[0]
+        assert original.__module__ == "rlm_code.rlm.observability"
         assert rlm_mlflow.autolog(disable=True)
-        assert observability.MLflowSink is not shared_sink
+        import rlm_code.rlm
+        assert observability.MLflowSink is original and rlm_code.rlm.MLflowSink is original
         print("OK")
         """
     )
@@ -308,6 +384,102 @@ def test_instrument_says_in_one_line_when_the_interpreter_has_no_rlm_code(
     assert done.stdout.strip() == "ran"
     lines = [line for line in done.stderr.splitlines() if "rlm-code was not found" in line]
     assert len(lines) == 1, done.stderr
+
+
+# -c code that says whether our sitecustomize ran, then exits with a code of its own
+RAN = "import sys; print('ran', 'rlm_mlflow' in sys.modules); sys.exit(5)"
+
+
+def enabled_env() -> dict[str, str]:
+    """The environment with the slot on: the only line instrument may say is ours here."""
+    return {**os.environ, "DSPY_RLM_MLFLOW_ENABLED": "true"}
+
+
+@pytest.mark.parametrize("flags", [["-I"], ["-E"], ["-IS"], ["-sE"], ["-X", "dev", "-I"]])
+def test_instrument_says_in_one_line_when_python_skips_its_sitecustomize(
+    flags: list[str],
+) -> None:
+    done = instrument(sys.executable, *flags, "-c", RAN, env=enabled_env())
+    assert done.returncode == 5  # the command ran, unchanged
+    assert done.stdout.split() == ["ran", "False"]  # and indeed without autolog
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("rlm-mlflow instrument: cannot instrument this command")
+    assert "ignores PYTHONPATH" in line and "rlm_mlflow.autolog()" in line
+    assert "-I" in line if "I" in "".join(flags) else "-E" in line
+
+
+@pytest.mark.parametrize(
+    "shebang", ["#!{python} -E", "#!/usr/bin/env -S {python} -I"], ids=["path", "env"]
+)
+def test_instrument_reads_the_shebang_of_a_script_run_by_name(tmp_path: Path, shebang: str) -> None:
+    script = tmp_path / "bench"
+    script.write_text(shebang.format(python=sys.executable) + "\n" + RAN.replace("; ", "\n"))
+    script.chmod(0o755)
+    done = instrument(str(script), env=enabled_env())
+    assert done.returncode == 5
+    assert done.stdout.split() == ["ran", "False"]
+    (line,) = done.stderr.splitlines()
+    assert "cannot instrument this command" in line and "ignores PYTHONPATH" in line
+
+
+def test_instrument_says_nothing_for_a_python_that_runs_its_sitecustomize(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "bench"
+    script.write_text(f"#!{sys.executable} -u\n" + RAN.replace("; ", "\n"))
+    script.chmod(0o755)
+    for command in ([sys.executable, "-u", "-W", "ignore", "-c", RAN], [str(script)]):
+        done = instrument(*command, env=enabled_env())
+        assert done.returncode == 5
+        assert done.stdout.split() == ["ran", "True"]
+        assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("command", "flags"),
+    [
+        (["python3", "-I", "x.py"], ["I"]),
+        (["/usr/bin/python3.11", "-sEu", "x.py"], ["E"]),
+        (["python", "-IS", "-c", "pass"], ["I", "S"]),
+        (["python", "-WI", "x.py"], []),  # "I" is -W's argument
+        (["python", "-W", "-I", "x.py"], []),  # so is the next word
+        (["python", "-X", "dev", "-E", "x.py"], ["E"]),
+        (["python", "--check-hash-based-pycs", "always", "-I"], ["I"]),
+        (["python", "-c", "-I"], []),  # the code
+        (["python", "-m", "bench", "-I"], []),  # the module's own argument
+        (["python", "x.py", "-I"], []),  # the script's
+        (["python", "-", "-E"], []),
+        (["git", "-I"], []),  # not Python
+    ],
+)
+def test_blind_flags_reads_a_pythons_options_only(command: list[str], flags: list[str]) -> None:
+    from rlm_mlflow._instrument import blind_flags
+
+    assert blind_flags(command) == flags
+
+
+@pytest.mark.parametrize(
+    ("line", "flags"),
+    [
+        (b"#!/usr/bin/env python3 -I", ["I"]),  # Linux passes "python3 -I" as one word
+        (b"#!/usr/bin/env -S python3 -I", ["I"]),
+        (b"#!/usr/bin/env FOO=1 python3 -E", ["E"]),
+        (b"#! /opt/py/bin/python -IS", ["I", "S"]),
+        (b"#!/usr/bin/python3", []),
+        (b"#!/bin/sh -e", []),
+        (b"\x7fELF\x02\x01", []),  # a binary
+    ],
+)
+def test_blind_flags_reads_a_scripts_shebang_line(
+    tmp_path: Path, line: bytes, flags: list[str]
+) -> None:
+    from rlm_mlflow._instrument import blind_flags
+
+    script = tmp_path / "bench"
+    script.write_bytes(line + b"\nprint(1)\n")
+    script.chmod(0o755)
+    assert blind_flags([str(script)]) == flags
+    assert blind_flags([str(tmp_path / "missing")]) == []
 
 
 def test_instrument_chains_to_the_sitecustomize_it_shadows(tmp_path: Path) -> None:

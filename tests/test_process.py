@@ -251,3 +251,82 @@ def test_the_sink_imports_and_works_without_the_posix_only_names(
     assert "no file locking" in done.stderr
     runs = Readback(embedded_uri, experiment).runs()
     assert sorted(runs) == ["with-spool", "without"]
+
+
+FORGOTTEN_TASK_SINK = """
+import json, anyio
+from rlm_mlflow import MLflowSink
+sink = MLflowSink(True, experiment={experiment!r}, tracking_uri={uri!r}, worker="task")
+
+async def benchmark():
+    {enter}
+    sink.on_run_start("forgotten", task="t", environment="e", params={{}})
+    for step in range(50):
+        await anyio.sleep(0)  # the awaited LLM call
+        sink.on_step("forgotten", event={{"step": step, "reward": 1.0}}, cumulative_reward=step)
+
+anyio.run(benchmark, backend={backend!r})
+print("RESULT", json.dumps("the loop is gone, the sink was never closed"))
+"""
+
+
+@pytest.mark.parametrize(
+    ("backend", "enter"),
+    [
+        pytest.param("asyncio", "pass  # no worker ever ran", id="asyncio-never-entered"),
+        pytest.param("trio", "pass  # no worker ever ran", id="trio-never-entered"),
+        pytest.param(
+            "asyncio",
+            "await sink.__aenter__()  # never exited: asyncio.run cancels the worker task",
+            id="asyncio-never-exited",
+        ),
+    ],
+)
+def test_a_task_mode_sink_never_closed_still_ends_its_runs_at_exit(
+    tracking_uri: str, experiment: str, readback: Readback, backend: str, enter: str
+) -> None:
+    script = FORGOTTEN_TASK_SINK.format(
+        experiment=experiment, uri=tracking_uri, backend=backend, enter=enter
+    )
+    out = run_python(script)
+    assert out == "the loop is gone, the sink was never closed"
+    run = readback.runs()["forgotten"]
+    assert run.info.status == "KILLED"
+    assert [m.step for m in readback.history(run, "step_reward")] == list(range(50))
+
+
+SIGTERM_IN_THE_LOOP = """
+import json, os, signal, anyio
+from rlm_mlflow import MLflowSink
+said = []
+signal.signal(signal.SIGTERM, lambda signum, frame: said.append("user handler"))
+threaded = MLflowSink(True, experiment={experiment!r}, tracking_uri={uri!r})  # our handler
+tasked = MLflowSink(True, experiment={experiment!r}, tracking_uri={uri!r}, worker="task")
+
+async def benchmark():
+    async with tasked:
+        tasked.on_run_start("tasked", task="t", environment="e", params={{}})
+        for step in range(20):
+            if step == 10:  # the handler runs in this thread, inside the worker's loop
+                os.kill(os.getpid(), signal.SIGTERM)
+                assert said == ["user handler"]
+            tasked.on_step("tasked", event={{"step": step, "reward": 1.0}}, cumulative_reward=1.0)
+        result = {{"completed": True, "steps": 20, "total_reward": 20.0}}
+        tasked.on_run_end("tasked", result=result, run_path=None)
+
+anyio.run(benchmark)
+print("RESULT", json.dumps({{"tasked": tasked.status(), "threaded": threaded.closed}}))
+"""
+
+
+def test_a_sigterm_inside_the_loop_of_a_task_mode_worker_leaves_that_sink_to_its_block(
+    embedded_uri: str, experiment: str
+) -> None:
+    # The handler cannot drive the loop it interrupts: it closes the other sinks, calls the
+    # user's handler, and the task-mode sink goes on until its `async with` closes it.
+    out = run_python(SIGTERM_IN_THE_LOOP.format(experiment=experiment, uri=embedded_uri))
+    assert out["threaded"] is True  # closed by the handler
+    status = out["tasked"]
+    assert status["closed"] and status["delivered"] == 22 and status["dropped"] == 0
+    run = Readback(embedded_uri, experiment).runs()["tasked"]
+    assert run.info.status == "FINISHED"

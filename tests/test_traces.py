@@ -255,9 +255,10 @@ def test_rlm_codes_real_runner_fills_the_traces_tab(
         run_scripted(tmp_path)
         from rlm_code.rlm.observability import RLMObservability
 
-        sink = RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs").get_sink(
+        slot = RLMObservability.default(workdir=tmp_path, run_dir=tmp_path / "runs").get_sink(
             "mlflow"
         )
+        sink = slot.shared  # rlm-code's MLflowSink class in the slot, ours behind it
         assert isinstance(sink, MLflowSink) and sink.close(timeout=60)
     finally:
         rlm_mlflow.autolog(disable=True)
@@ -271,3 +272,63 @@ def test_rlm_codes_real_runner_fills_the_traces_tab(
         assert all("code" in s.inputs for s in steps if s.inputs["action"] == "run_python")
         assert trace.info.token_usage["input_tokens"] > 0
         assert json.dumps(trace.data.spans[0].to_dict())  # a trace MLflow can serialise
+
+
+def test_a_batch_of_spans_sent_twice_to_the_embedded_store_lands_once_unchanged(
+    embedded_uri: str, experiment: str
+) -> None:
+    # A retried (or bisected) batch is the very list the first attempt sent: the exporter
+    # must not rewrite it, or the second attempt fails for good.
+    import copy
+
+    from rlm_mlflow import _spans
+    from rlm_mlflow._mlflow_client import MlflowClientExporter
+
+    client = MlflowClient(embedded_uri)
+    exporter = MlflowClientExporter(client)
+    exporter.experiment_id = exporter.experiment(experiment, restore=False)
+    run_id = exporter.create_run("twice", 1_000, {"run_id": "twice"})
+    key = "twice-key"
+    span = {"name": "run_python", "inputs": {"code": "print(1)"}, "outputs": {"ok": True}}
+    spans = [_spans.step_span(key, s, s, s + 0.5, 0.5, 0.5 * s, span, None) for s in (1, 2, 3)]
+    spans.append(_spans.root_span(key, "twice", 0.0, 4.0, {}, {}, 0, None, True))
+    sent = copy.deepcopy(spans)
+    exporter.log_spans(run_id, spans, True)
+    assert spans == sent  # the caller's batch is as it was
+    exporter.log_spans(run_id, spans, True)  # the retry: the same list again
+    assert spans == sent
+    (trace,) = traces_of(client, client.get_run(run_id))
+    names = sorted(s.name for s in trace.data.spans)
+    assert names == ["step 1: run_python", "step 2: run_python", "step 3: run_python", "twice"]
+
+
+def test_a_lone_surrogate_in_a_steps_text_is_replaced_and_its_span_lands(
+    tracking_uri: str, experiment: str, readback: Readback
+) -> None:
+    # Bytes decoded with surrogateescape (a subprocess's output, a file name) give lone
+    # surrogates, which cannot be encoded as UTF-8: the text is repaired, not the span lost.
+    broken = b"caf\xff done".decode("utf-8", "surrogateescape")
+    sink = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri, traces=True)
+    sink.on_run_start("surrogate", task="t", environment="generic", params={})
+    for step in range(1, 51):
+        event = step_event(step)
+        if step == 25:
+            event["action"] = {"action": "run\udcff", "code": broken, "key\udcff": 1}
+            event["observation"] = {"success": True, "stdout": broken, "nested": [broken]}
+        sink.on_step("surrogate", event=event, cumulative_reward=0.5 * step)
+    usage = {"total_calls": 50, "prompt_tokens": 5000, "completion_tokens": 500}
+    sink.on_run_end("surrogate", result=Result(50, 25.0, broken, usage), run_path=None)
+    assert sink.close(timeout=60)
+    status = sink.status()
+    assert status["delivered"] == 52 and status["pending"] == 0
+    assert status["dead_lettered"] == status["failed"] == status["rejected"] == 0
+    (trace,) = traces_of(readback.client, readback.runs()["surrogate"])
+    spans = {attribute(s, "rlm.step"): s for s in trace.data.spans if s.parent_id}
+    assert sorted(spans) == list(range(1, 51))  # every step's span, the repaired one too
+    repaired = spans[25]
+    assert repaired.name == "step 25: run\ufffd"
+    assert repaired.inputs == {"action": "run\ufffd", "code": "caf\ufffd done", "key\ufffd": 1}
+    assert repaired.outputs["stdout"] == "caf\ufffd done"
+    assert json.loads(repaired.outputs["nested"]) == ["caf\ufffd done"]
+    root = next(s for s in trace.data.spans if s.parent_id is None)
+    assert root.outputs["final_response"] == "caf\ufffd done"

@@ -2,8 +2,10 @@
 
 rlm-code's ``RLMObservability.default()`` builds its sinks from the environment and looks up
 ``MLflowSink`` by name in ``rlm_code.rlm.observability`` each time it runs. `autolog` rebinds
-that name to `shared_sink`, which hands out one of our sinks per destination (tracking URI +
-experiment), so every runner of the process shares one forwarder and one worker thread.
+that name (and ``rlm_code.rlm.MLflowSink``) to `AutologSink`, a subclass of rlm-code's class
+whose instances send through the sink `shared_sink` hands out: one of ours per destination
+(tracking URI + experiment), so every runner of the process shares one forwarder and one
+worker thread.
 
 If rlm-code is not imported yet, an import hook does the rebinding the moment it is (so
 `autolog` never imports rlm-code itself: ``rlm-mlflow instrument`` calls it at the start of
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 
     from ._sink import MLflowSink
 
+#: Where `AutologSink` lives; imported once rlm-code's observability module is.
+SINK_MODULE = "rlm_mlflow._autolog_sink"
+
 #: The module whose ``MLflowSink`` name ``RLMObservability.default()`` constructs.
 TARGET = "rlm_code.rlm.observability"
 #: The package that re-exports it (``from rlm_code.rlm import MLflowSink``).
@@ -32,7 +37,6 @@ PACKAGE = "rlm_code.rlm"
 
 _lock = threading.RLock()
 _enabled = False
-_originals: dict[str, Any] = {}  # module name -> rlm-code's own MLflowSink, to restore
 _shared: dict[tuple[str | None, str], MLflowSink] = {}
 
 
@@ -43,19 +47,16 @@ def autolog(disable: bool = False) -> bool:
     our ``DSPY_RLM_MLFLOW_*``).
 
     Idempotent, and safe before or after rlm-code is imported. ``disable=True`` gives the
-    slot back to rlm-code's sink (observabilities built meanwhile keep ours). Returns False,
-    with a one-line reason in the log, when rlm-code is not installed; never raises.
+    slot back to rlm-code's sink, its class under its names again (observabilities built
+    meanwhile keep ours). Returns False, with a one-line reason in the log, when rlm-code is
+    not installed; never raises.
     """
     global _enabled
     with _lock:
         if disable:
             _enabled = False
             _remove_finder()
-            for name in list(_originals):
-                module = sys.modules.get(name)
-                if module is not None and getattr(module, "MLflowSink", None) is shared_sink:
-                    module.MLflowSink = _originals[name]  # type: ignore[attr-defined]
-                del _originals[name]
+            _unpatch()
             return True
         try:
             installed = importlib.util.find_spec("rlm_code") is not None
@@ -84,7 +85,7 @@ def enabled() -> bool:
 def shared_sink(
     enabled: bool = False, experiment: str | None = None, tracking_uri: str | None = None
 ) -> MLflowSink:
-    """What ``RLMObservability.default()`` calls in place of rlm-code's ``MLflowSink(...)``.
+    """The sink every `AutologSink` of this destination sends through.
 
     One live sink per destination for the whole process: a benchmark that builds a hundred
     runners starts one worker. It is closed at exit like every sink; a destination whose
@@ -105,15 +106,26 @@ def shared_sink(
 
 
 def _patch(module: ModuleType) -> None:
-    """Rebind ``MLflowSink`` in rlm-code's observability module and its package."""
+    """Rebind ``MLflowSink`` in rlm-code's observability module and its package (a package
+    still being imported binds it itself, from the module)."""
+    from ._autolog_sink import AutologSink
+
+    for target in (module, sys.modules.get(PACKAGE)):
+        if target is not None and hasattr(target, "MLflowSink"):
+            target.MLflowSink = AutologSink  # type: ignore[attr-defined]
+
+
+def _unpatch() -> None:
+    """rlm-code's own class under both names again (the one `AutologSink` extends)."""
+    sink_module = sys.modules.get(SINK_MODULE)
+    if sink_module is None:  # never patched
+        return
+    ours = sink_module.AutologSink
+    rlm_codes: type = ours.__bases__[0]
     for name in (TARGET, PACKAGE):
-        target = module if name == TARGET else sys.modules.get(name)
-        if target is None or not hasattr(target, "MLflowSink"):
-            continue
-        current = target.MLflowSink
-        if current is not shared_sink:
-            _originals[name] = current
-            target.MLflowSink = shared_sink  # type: ignore[attr-defined]
+        target = sys.modules.get(name)
+        if target is not None and getattr(target, "MLflowSink", None) is ours:
+            target.MLflowSink = rlm_codes  # type: ignore[attr-defined]
 
 
 class _PatchingLoader(importlib.abc.Loader):

@@ -116,13 +116,31 @@ class MlflowClientExporter:
 
 
 def _base64_ids(request: dict[str, Any]) -> dict[str, Any]:
-    """OTLP/JSON carries ids in hex; protobuf's JSON mapping of bytes is base64."""
+    """OTLP/JSON carries ids in hex; protobuf's JSON mapping of bytes is base64. A new
+    request of new span dicts: the spans are the lane's own batch, which a retry or a
+    bisection sends again as it is."""
     import base64
 
-    for resource in request["resourceSpans"]:
-        for scope in resource["scopeSpans"]:
-            for span in scope["spans"]:
-                for key in ("traceId", "spanId", "parentSpanId"):
-                    if span.get(key):
-                        span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
-    return request
+    def ids(span: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **span,
+            **{
+                key: base64.b64encode(bytes.fromhex(span[key])).decode()
+                for key in ("traceId", "spanId", "parentSpanId")
+                if span.get(key)
+            },
+        }
+
+    return {
+        **request,
+        "resourceSpans": [
+            {
+                **resource,
+                "scopeSpans": [
+                    {**scope, "spans": [ids(span) for span in scope["spans"]]}
+                    for scope in resource["scopeSpans"]
+                ],
+            }
+            for resource in request["resourceSpans"]
+        ],
+    }

@@ -1,10 +1,11 @@
 """The sinks' place in the host process: closed at exit and on SIGTERM, restarted after fork.
 
-Every live sink (not closed, not a task-mode one) is tracked here. At interpreter exit they
-are closed together, under one deadline, while threads can still be started (Python 3.12
-refuses new threads in plain atexit callbacks; concurrent.futures uses the same hook). The
-SIGTERM handler, if the settings allow it, closes them and then does what the process did
-before. Strong references: a sink dropped without close() still has events in flight.
+Every live sink (not closed) is tracked here. At interpreter exit they are closed together,
+under one deadline, while threads can still be started (Python 3.12 refuses new threads in
+plain atexit callbacks; concurrent.futures uses the same hook): a task-mode sink whose event
+loop is gone gets a thread for its worker then. The SIGTERM handler, if the settings allow it,
+closes them and then does what the process did before. Strong references: a sink dropped
+without close() still has events in flight.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ def untrack(sink: MLflowSink) -> None:
 
 
 def close_live_sinks() -> None:
-    """At exit (or on SIGTERM): every sink the user did not close, concurrently."""
+    """At exit (or on SIGTERM): every sink the user did not close, concurrently. Except a
+    task-mode sink whose worker runs in this very thread's event loop (a SIGTERM landing in
+    it): nothing can drive that loop from here; its ``async with`` closes it."""
     from ._sink import close_sinks
 
-    close_sinks(list(_live_sinks), None)
+    here = threading.get_ident()
+    close_sinks([s for s in list(_live_sinks) if not s._worker_runs_in(here)], None)
 
 
 def _restart_live_sinks_in_child() -> None:

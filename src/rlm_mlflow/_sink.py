@@ -19,7 +19,7 @@ from uuid import uuid4
 
 import anyio
 import anyio.to_thread
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from . import _process
 from ._deadletter import DeadLetters
@@ -85,10 +85,9 @@ class MLflowSink:
         if self.settings.traces:  # the hot path stays one function, without a test of the mode
             self.on_step = self._on_step_traced  # type: ignore[method-assign]
         self._start_forwarder(replay_orphans=True)
-        if not self._task_mode:  # a task-mode sink's life is its `async with` block
-            _process.track(self)
-            if self.settings.handle_sigterm:
-                _process.install_sigterm_handler()
+        _process.track(self)  # a task-mode one too: its loop may be gone before it is closed
+        if not self._task_mode and self.settings.handle_sigterm:
+            _process.install_sigterm_handler()
 
     def _start_forwarder(self, *, replay_orphans: bool) -> None:
         """Buffer, worker, and (with a spool) this process's own journal."""
@@ -258,19 +257,41 @@ class MLflowSink:
         """`close` without blocking the event loop."""
         return await anyio.to_thread.run_sync(self.close, timeout)
 
+    def _worker_runs_in(self, thread: int) -> bool:
+        """Whether the worker runs as a task of an event loop in ``thread``."""
+        forwarder = self._forwarder
+        return (
+            forwarder is not None
+            and forwarder.buffer.loop_thread == thread
+            and forwarder.worker.alive
+        )
+
     async def __aenter__(self) -> MLflowSink:
         """With ``worker="task"`` the worker runs as a task of this block's task group, in
         the caller's event loop, instead of in a thread of its own."""
-        if self._task_mode and self._forwarder is not None:
+        forwarder = self._forwarder
+        if self._task_mode and forwarder is not None and not forwarder.worker.alive:
+            worker = forwarder.worker
+
+            async def run(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+                # Shielded: a cancelled block still needs its worker for the close. It stops
+                # when the sink is closed (which __aexit__ does, cancelled or not).
+                with anyio.CancelScope(shield=True):
+                    task_status.started()
+                    await worker.run()  # counts itself alive before its first await
+
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
-            self._forwarder.buffer.loop_thread = threading.get_ident()
-            self._task_group.start_soon(self._forwarder.worker.run, name="rlm-mlflow worker")
+            forwarder.buffer.loop_thread = threading.get_ident()
+            await self._task_group.start(run, name="rlm-mlflow worker")
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        """Close, even when the block was cancelled (shielded): its runs end, nothing stays
+        pending."""
         try:
-            await self.aclose()
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
         finally:
             if self._task_group is not None:
                 await self._task_group.__aexit__(None, None, None)
@@ -371,9 +392,27 @@ def _replace(settings: Settings, overrides: dict[str, Any]) -> Settings:
     return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
+_handover = threading.Lock()
+
+
+def _worker_without_loop(sink: MLflowSink) -> None:
+    """A task-mode sink closed while no event loop runs its worker (``async with`` never
+    entered, or its loop gone, as at exit): the worker runs in a thread of its own from now
+    on, so the close still delivers and ends the runs."""
+    forwarder = sink._forwarder
+    if not sink._task_mode or forwarder is None or forwarder.closing is not None:
+        return
+    with _handover:
+        if not forwarder.worker.alive:
+            forwarder.buffer.loop_thread = None  # hooks may block again: no loop to freeze
+            forwarder.worker.start()
+
+
 def close_sinks(sinks: list[MLflowSink], timeout: float | None) -> bool:
     """Close ``sinks`` at once, under one deadline (see `close_all`)."""
     open_ = [s for s in sinks if s._forwarder is not None]
+    for sink in open_:
+        _worker_without_loop(sink)
     forwarders = [s._forwarder for s in open_ if s._forwarder is not None]
     started = time()
     done = close_all(forwarders, timeout)

@@ -6,7 +6,8 @@ outputs: final response, completed, total reward) and one child span per step (i
 action and its code; outputs: the observation; attributes: step, reward, cumulative reward,
 and the step's token usage in MLflow's own ``mlflow.chat.tokenUsage``, which MLflow adds up
 into the trace's totals). Times are the events' own: a step's span runs from the event before
-it to its own. Text is cut at a limit, with a marker saying how much; a trace holds at most
+it to its own. Text is cut at a limit, with a marker saying how much, and a character UTF-8
+cannot encode (a lone surrogate) becomes U+FFFD; a trace holds at most
 ``max_spans`` step spans, later steps are counted on the root span.
 
 A child RLM run is a trace of its own, linked to its own MLflow run; the step that delegated
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,12 +30,29 @@ CUT_MARKER = " …[cut: {} more characters]"
 MAX_KEYS = 32
 
 Span = dict[str, Any]  # one span in OTLP/JSON form
+#: A code point UTF-8 cannot encode: a surrogate (e.g. from bytes decoded ``surrogateescape``).
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def cut(text: str, limit: int) -> str:
-    if len(text) <= limit:
+    """``text`` cut at ``limit`` characters (with a marker), and storable: every text of a
+    span passes here."""
+    if len(text) > limit:
+        text = text[:limit] + CUT_MARKER.format(len(text) - limit)
+    return storable(text)
+
+
+def storable(text: str) -> str:
+    """``text`` with each surrogate replaced by U+FFFD: MLflow's stores (and JSON over HTTP)
+    refuse them, and a span is not lost for one character. Text that encodes (the common
+    case, checked first, cheaply) is returned as it is."""
+    if text.isascii():
         return text
-    return text[:limit] + CUT_MARKER.format(len(text) - limit)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
 
 
 def _text(value: Any, limit: int) -> str | int | float | bool | None:

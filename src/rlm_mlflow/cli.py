@@ -2,7 +2,7 @@
 
 Longer than the library's modules because it holds all four (and `status`'s read-only look
 at a store and a spool); what they drive lives in the library (`_workload`, `_replay`,
-`_autolog`'s bootstrap).
+`_autolog`'s bootstrap, `_instrument`).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, NoReturn
 
 from ._deadletter import DeadLetters
 from ._exporter import is_http
+from ._instrument import blind_flags, warning
 from ._log import RECORD_KEY, stdlib_logger
 from ._redact import redact_uri
 from ._replay import waiting_journals
@@ -375,7 +376,8 @@ def cmd_instrument(args: argparse.Namespace) -> int:
     """Run the command with `autolog()` done at the start of each Python interpreter in it.
 
     The command replaces this process (exec): its exit code and the signals sent to it are
-    its own, as with ``opentelemetry-instrument`` and ``ddtrace-run``.
+    its own, as with ``opentelemetry-instrument`` and ``ddtrace-run``. A command whose Python
+    would skip the sitecustomize (``-I``, ``-E``, ``-S``) gets one line saying so, and runs.
     """
     command = list(args.cmd)
     if command and command[0] == "--":
@@ -386,6 +388,9 @@ def cmd_instrument(args: argparse.Namespace) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BOOTSTRAP), env.get("PYTHONPATH")]))
     if shutil.which(command[0], path=env.get("PATH")) is None:
         raise CliError(f"cannot run {command[0]!r}: command not found", EXIT_NOT_FOUND)
+    blind = blind_flags(command, env.get("PATH"))
+    if blind:  # the command runs all the same: it is the user's
+        print(warning(blind), file=sys.stderr)
     if not parse_bool(env.get("DSPY_RLM_MLFLOW_ENABLED")):
         print(
             "rlm-mlflow instrument: DSPY_RLM_MLFLOW_ENABLED is not true, so rlm-code's MLflow "

@@ -1,0 +1,83 @@
+"""`AutologSink`: what rlm-code's ``MLflowSink`` name is bound to while `autolog` is on.
+
+A subclass of rlm-code's own ``MLflowSink``, so ``isinstance`` and subclassing keep working,
+with its constructor ``(enabled, experiment, tracking_uri)`` and its attributes (``name``,
+``enabled``, ``experiment``, ``tracking_uri``, ``status()``, the hooks). Every instance
+forwards to ``shared``: the one `rlm_mlflow.MLflowSink` of its destination (tracking URI +
+experiment) that `shared_sink` hands out, so a hundred runners still make one worker thread.
+rlm-code's ``__init__`` is never called: its ``__post_init__`` would import mlflow and set
+the process's global tracking URI.
+
+Imported by `_autolog` once rlm-code's observability module is, never before.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlm_code.rlm.observability import MLflowSink as RLMCodeSink
+
+from ._autolog import shared_sink
+from ._redact import redact_uri
+
+if TYPE_CHECKING:  # imported by the first shared_sink call, not by rlm-code's import
+    from ._sink import MLflowSink
+
+#: The hooks an instance takes straight from its shared sink, unless its class overrides them.
+HOOKS = ("on_run_start", "on_step", "on_run_end")
+
+
+class AutologSink(RLMCodeSink):
+    """rlm-code's ``MLflowSink``, sending through this destination's shared forwarder.
+
+    Anything else of the forwarder (``flush``, ``close``, ``aflush``, ``aclose``,
+    ``closed``, ...) is ``shared``'s, reached through the instance.
+    """
+
+    shared: MLflowSink
+
+    def __init__(self, enabled: bool, experiment: str, tracking_uri: str | None = None) -> None:
+        self.shared = shared_sink(enabled, experiment, tracking_uri)
+        self.enabled = enabled
+        self.experiment = self.shared.experiment  # rlm-code's default for an empty one
+        self.tracking_uri = tracking_uri
+        self.name = "mlflow"
+        cls = type(self)
+        for hook in HOOKS:
+            # The shared sink's bound hook on the instance: the hot path gains no call. A
+            # subclass's own hook stays in place (its super() call forwards, below).
+            if getattr(cls, hook) is getattr(AutologSink, hook):
+                setattr(self, hook, getattr(self.shared, hook))
+
+    def on_run_start(
+        self, run_id: str, *, task: str, environment: str, params: dict[str, Any]
+    ) -> None:
+        self.shared.on_run_start(run_id, task=task, environment=environment, params=params)
+
+    def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
+        self.shared.on_step(run_id, event=event, cumulative_reward=cumulative_reward)
+
+    def on_run_end(self, run_id: str, *, result: Any, run_path: Path | str | None) -> None:
+        self.shared.on_run_end(run_id, result=result, run_path=run_path)
+
+    def status(self) -> dict[str, Any]:
+        return self.shared.status()
+
+    def __getattr__(self, name: str) -> Any:
+        """What rlm-code's class does not have: the shared sink's (only called when the
+        ordinary lookup fails, so never for the hooks)."""
+        shared = self.__dict__.get("shared")
+        if shared is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(shared, name)
+
+    # rlm-code's dataclass methods read its private fields, which an instance never gets.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(enabled={self.enabled!r}, experiment={self.experiment!r},"
+            f" tracking_uri={redact_uri(self.tracking_uri)!r})"
+        )
