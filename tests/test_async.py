@@ -120,3 +120,44 @@ async def test_a_task_cancelled_inside_async_with_still_closes_its_task_mode_sin
     run = readback.runs()["cancelled"]
     assert run.info.status == "KILLED"
     assert [m.step for m in readback.history(run, "step_reward")] == list(range(100))
+
+
+def test_a_batch_cut_off_mid_send_when_its_loop_goes_is_sent_again_once() -> None:
+    """asyncio.run() ends with the task-mode worker inside a log_batch call: the close that
+    follows (here; at exit it is the same) sends that batch again, without a second run."""
+    from support.memory import MemoryExporter
+
+    class Gated(MemoryExporter):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inside, self.release = threading.Event(), threading.Event()
+
+        def log_metrics(self, run_id, rows):  # type: ignore[no-untyped-def]
+            if not self.release.is_set():
+                self.inside.set()
+                self.release.wait(30)
+                raise ConnectionResetError("the loop that sent this is gone")
+            super().log_metrics(run_id, rows)
+
+    exporter = Gated()
+    sink = MLflowSink(True, experiment="e", worker="task", exporter=exporter, flush_interval=0.05)
+
+    async def main() -> None:
+        await sink.__aenter__()  # and never __aexit__: the loop just ends
+        sink.on_run_start("cut", task="t", environment="async", params={})
+        for step in range(100):
+            sink.on_step("cut", event={"step": step, "reward": 0.5}, cumulative_reward=step / 2)
+        sink.on_run_end(
+            "cut", result={"completed": True, "steps": 100, "total_reward": 50.0}, run_path=None
+        )
+        await anyio.to_thread.run_sync(exporter.inside.wait, 30)
+
+    import asyncio
+
+    asyncio.run(main())
+    exporter.release.set()
+    assert sink.close(timeout=20)
+    status = sink.status()
+    assert (status["delivered"], status["failed"], status["pending"]) == (102, 0, 0)
+    (run,) = exporter.by_run_id().values()
+    assert exporter.steps(run) == list(range(100)) and run.status == "FINISHED"

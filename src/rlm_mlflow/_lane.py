@@ -96,6 +96,10 @@ class Lane:
     sending: list[Event] = field(default_factory=list)  # the batch its task is sending
     pending_bytes: float = 0.0  # what ``pending`` holds in memory (`_memory`'s estimate)
     sending_bytes: float = 0.0  # what ``sending`` holds
+    resume: int = 0  # index in ``sending`` of the first event not counted yet
+    resumed: bool = False  # sent again after a cut-off: find the run before creating it
+    #: The trajectory state before the step group being sent (see `rewind`).
+    _mark: tuple[StepSet, list[int], int, int, float, list[tuple[str, str]]] | None = None
     completed: int = 0  # advanced only when a whole batch of pending events is done
     finished: int = 0  # events of this lane counted in Stats (see Outcomes.tally)
     running: bool = False
@@ -129,19 +133,34 @@ class Lane:
             await self.create(s, counted=False)
         if not boundaries:
             await self._send_steps(batch, s)  # type: ignore[arg-type]
+            self.resume = len(batch)
             return
         steps: list[Step] = []
-        for event in batch:
+        for i, event in enumerate(batch):
             if event.__class__ is Step:
                 steps.append(event)
                 continue
             await self._send_steps(steps, s)
-            steps = []
+            self.resume, steps = i, []
             if isinstance(event, RunStart):
-                await self.create(s)
+                await self.create(s, find=self.resumed)
             elif isinstance(event, RunEnd):
                 await self.end(event, s)
+            self.resume = i + 1
         await self._send_steps(steps, s)
+        self.resume = len(batch)
+
+    def rewind(self) -> list[Event]:
+        """After the task sending ``sending`` was cancelled with its loop (a task-mode worker
+        whose event loop went away): the part of the batch not counted yet, to be sent again,
+        with the run's trajectory state as it was before it. What was counted stays so."""
+        rest = self.sending[self.resume :]
+        self.completed += len(self.sending) - len(rest)
+        if self._mark is not None:
+            seen, tokens, self.traced, self.untraced, self.last_time, children = self._mark
+            self.seen_steps, self.tokens, self.children, self._mark = seen, tokens, children, None
+        self.sending, self.resumed = [], True
+        return rest
 
     async def create(self, s: Sending, counted: bool = True, find: bool = False) -> None:
         """Create the run (or, replaying or ``find``, find it by its key first), then log its
@@ -186,14 +205,25 @@ class Lane:
     async def _send_steps(self, steps: list[Step], s: Sending) -> None:
         """Steps' metrics (and token counts, and spans with traces on), then each step counted
         once: delivered if all of it landed, else by what kept a part of it out."""
+        if not steps:
+            return
+        self._mark = (
+            self.seen_steps.copy(),
+            self.tokens[:],
+            self.traced,
+            self.untraced,
+            self.last_time,
+            self.children[:],
+        )
         rows: list[payload.MetricRow] = []
         tokens: list[payload.MetricRow] = []
         spans: list[tuple[int, Span]] = []
+        repeated: list[Step] = []
         first_time, append = self.seen_steps.add, rows.append
         for event in steps:  # per step: kept short, it is most of what the worker does
             _, step, reward, cumulative, at, extra = event
             if not first_time(step):
-                s.outcomes.reject(event, f"step {step} repeated (the first one was kept)", self)
+                repeated.append(event)
                 continue
             ts = int(at * 1000)  # payload.timestamp_ms, inline
             append(("step_reward", reward, ts, step))
@@ -201,6 +231,18 @@ class Lane:
             if extra is not None:
                 self._trajectory(step, reward, cumulative, at, ts, extra, tokens, spans, s)
             self.last_time = at
+        await self._send_step_rows(rows, tokens, spans, s)
+        self._mark = None  # done: nothing of this group to send again (see `rewind`)
+        for event in repeated:  # counted with the rest: a cut-off group counts nothing
+            s.outcomes.reject(event, f"step {event.step} repeated (the first one was kept)", self)
+
+    async def _send_step_rows(
+        self,
+        rows: list[payload.MetricRow],
+        tokens: list[payload.MetricRow],
+        spans: list[tuple[int, Span]],
+        s: Sending,
+    ) -> None:
         if not rows:
             return
         counted = len(rows) // 2

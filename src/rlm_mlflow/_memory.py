@@ -105,6 +105,11 @@ class StepSet:
             hi.insert(i + 1, step)
         return True
 
+    def copy(self) -> StepSet:
+        other = StepSet()
+        other._lo, other._hi = self._lo[:], self._hi[:]
+        return other
+
     def __contains__(self, step: int) -> bool:
         i = bisect.bisect_right(self._lo, step) - 1
         return i >= 0 and step <= self._hi[i]

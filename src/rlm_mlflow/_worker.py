@@ -32,7 +32,7 @@ from tenacity import RetryCallState
 
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
-from ._event import Marker, RunEnd
+from ._event import Marker, RunEnd, Step
 from ._exporter import (
     Connection,
     ExperimentDeleted,
@@ -205,7 +205,7 @@ class Worker:
         with self._state:
             if self._thread is not threading.current_thread():
                 self._loops += 1  # a task-mode worker is counted here
-        parked = False
+        parked = finished = False
         try:
             for _ in range(10):
                 try:
@@ -218,10 +218,13 @@ class Worker:
                 self._buffer.close()
             if not parked:
                 await self._finish()
+                finished = True
         finally:
             with self._state:
                 self._loops -= 1
-            if not parked:  # stopped for good: nobody may wait on a marker any more
+            # Stopped for good: nobody may wait on a marker any more. Not when cancelled
+            # (a task-mode worker whose loop went away): the close starts it again.
+            if finished:
                 self._router.markers.release()
                 self._done.set()
 
@@ -277,11 +280,27 @@ class Worker:
         )
 
     def _restart_lanes(self) -> None:
-        """After a park or a crash: the lanes with events get a task in the new loop."""
+        """After a park, a crash, or a loop that went away under a task-mode worker: the
+        lanes with events get a task in the new loop. The part of a batch whose task was
+        cancelled in the middle of sending and that was not counted yet is sent again
+        (`Lane.rewind`: MLflow drops the metrics that land twice; the run is found before it
+        is created again)."""
+        for lane in {*self._router.open.values(), *self._router.busy}:
+            if not lane.created.is_set():  # its creation was cut off: a new event to wait on
+                lane.created = anyio.Event()
         for lane in list(self._router.busy):
             lane.running = False
+            if lane.sending:
+                rest = lane.rewind()
+                lane.pending = rest + lane.pending
+                lane.boundaries += sum(1 for e in rest if e.__class__ is not Step)
+                lane.pending_bytes += lane.sending_bytes
+                lane.sending_bytes = 0.0
             if lane.pending:
                 self._spawn(lane)
+            else:
+                self._router.busy.discard(lane)
+        self._router.markers.check()
 
     def _recover(self, exc: BaseException) -> None:
         """The loop crashed (a bug): what was in flight is counted failed; the buffer, the
@@ -427,7 +446,7 @@ class Worker:
             batch, lane.pending = lane.pending, []
             lane.sending_bytes, lane.pending_bytes = lane.pending_bytes, 0.0
             boundaries, lane.boundaries = lane.boundaries, 0
-            lane.sending = batch
+            lane.sending, lane.resume = batch, 0
             before = lane.finished
             try:
                 if self._sending.connection is None or self.unavailable is not None:
