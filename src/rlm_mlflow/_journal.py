@@ -23,6 +23,7 @@ fsyncs every event spilled by a hook.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -150,7 +151,13 @@ class Journal:
         record = frame(events)
         if self._offset and self._offset + len(record) > SEGMENT_BYTES:
             self._open_segment(self._segment + 1)
-        os.write(self._fd, record)
+        written = os.write(self._fd, record)
+        if written < len(record):  # a full disk can take part of it: a torn record
+            self._offset += written
+            self._sizes[self._segment] = self._offset
+            raise OSError(
+                errno.ENOSPC, f"record written in part ({written} of {len(record)} bytes)"
+            )
         if self._durable:
             os.fsync(self._fd)
         self._offset += len(record)

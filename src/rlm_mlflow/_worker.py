@@ -78,6 +78,7 @@ class Worker:
         self._tracking_uri = tracking_uri
         self._experiment = experiment
         self._journal = journal
+        self.journal_error: str | None = None  # why the journal takes no more records
         self._may_park = park
         self._exporter = exporter  # given: no connecting (tests use an in-memory one)
         self.outcomes = Outcomes(dead_letters, experiment)
@@ -353,7 +354,9 @@ class Worker:
                 delivered=self.stats.delivered,
             )
         if self._journal is not None:
-            self._journal.close(remove=not self.outcomes.keep_journal)
+            # After a write failure, events that did not land may be in it: keep it then.
+            failed_after = self.journal_error is not None and self.stats.failed > 0
+            self._journal.close(remove=not (self.outcomes.keep_journal or failed_after))
 
     async def _last_attempt(self) -> None:
         """The close deadline ran out: every run the caller started is created if it was
@@ -428,20 +431,30 @@ class Worker:
         return admitted
 
     def _journal_append(self, events: list[RunEvent]) -> Position | None:
-        if self._journal is None or not events or self.import_error is not None:
+        if (
+            self._journal is None
+            or not events
+            or self.import_error is not None
+            or self.journal_error is not None
+        ):
             return None
         try:
             return self._journal.append(events)
-        except OSError as exc:  # e.g. a full disk: go on without the spool
-            log.error(
-                "spool write failed; going on without it (what it holds stays for a sync)",
-                journal=str(self._journal.dir),
-                error=str(exc),
-            )
-            self._journal.close(remove=False)
-            self._journal = None
-            self.outcomes.spooling = False
+        except OSError as exc:
+            self._journal_failed(exc)
             return None
+
+    def _journal_failed(self, exc: OSError) -> None:
+        """A write failed (a full disk): no more records, but the journal stays ours (its
+        lock held) until close, which removes it only if everything in it landed."""
+        assert self._journal is not None
+        self.journal_error = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "spool write failed; going on without it (what it holds stays for a sync)",
+            journal=str(self._journal.dir),
+            error=self.journal_error,
+        )
+        self.outcomes.spooling = False
 
     def _route(self, event: RunEvent) -> None:
         if self.unavailable is not None:
@@ -500,8 +513,12 @@ class Worker:
                     marker.ack is not None
                     and journal is not None
                     and not self.outcomes.keep_journal
+                    and self.journal_error is None
                 ):
-                    journal.ack(*marker.ack)
+                    try:
+                        journal.ack(*marker.ack)
+                    except OSError as exc:
+                        self._journal_failed(exc)
                 marker.done.set()
                 if marker.closing:
                     self._buffer.wakeup.set()
