@@ -285,3 +285,42 @@ def test_with_fsync_never_a_killed_process_loses_nothing_it_journalled(tmp_path:
     (orphan,) = orphans(tmp_path)
     assert [r[0].step for r in orphan.records()] == list(range(50)) and orphan.corrupt == 0
     orphan.release(remove=True)
+
+
+def test_a_journal_being_created_is_never_taken_by_a_replayer(tmp_path: Path) -> None:
+    """Two sinks starting on one spool: one creates its journal while the other replays
+    (takes and deletes) every orphan it finds. A journal whose lock file exists but is not
+    locked yet must not pass for an orphan (it did, in 2.7% of the starts of a stress run)."""
+    import threading
+
+    spool = tmp_path / "spool"
+    stop = threading.Event()
+    taken: list[str] = []
+
+    def replayer() -> None:
+        while not stop.is_set():
+            for orphan in orphans(spool):
+                taken.append(orphan.dir.name)
+                orphan.release(remove=True)
+
+    thread = threading.Thread(target=replayer)
+    thread.start()
+    try:
+        for _ in range(1000):
+            journal = Journal(spool, 1 << 30, {"experiment": "e"}, "never")
+            journal.append(steps(0, 1))
+            assert (journal.dir / "meta.json").exists()
+            journal.close(remove=True)
+    finally:
+        stop.set()
+        thread.join()
+    assert taken == []
+
+
+def test_a_journal_without_meta_is_left_alone(tmp_path: Path) -> None:
+    # What a writer that died between creating its directory and writing its meta leaves:
+    # nothing to judge it by (no destination, no records), so no replayer takes it.
+    (tmp_path / "journal-1-dead").mkdir()
+    (tmp_path / "journal-1-dead" / "lock").touch()
+    assert list(orphans(tmp_path)) == []
+    assert (tmp_path / "journal-1-dead" / "lock").exists()

@@ -9,7 +9,9 @@ it from the acknowledged position (`_replay`).
 Layout of ``<spool_dir>/journal-<pid>-<id>/`` (directory 0700, files 0600):
 
 - ``lock``: locked by the owner while it lives; a replayer takes it to know the owner is dead.
-- ``meta.json``: experiment and (redacted) tracking URI of the owner.
+- ``meta.json``: the destination (experiment, tracking URI with its password masked) of the
+  owner; written once the owner holds the lock, so a journal without it is being created
+  and a replayer leaves it alone.
 - ``NNNNNNNN.seg``: records, one per drain.
 - ``ack.json``: the position replay starts from, and the starts of the runs open there.
 - ``spill.log``: the ``spill`` policy's overflow (`_spill`), newer than every segment.
@@ -125,17 +127,26 @@ class Journal:
         owner_only_dir(spool_dir)
         self.dir = spool_dir / f"journal-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         owner_only_dir(self.dir)
-        if self._durable:
-            fsync_dir(spool_dir)
-        self._lock_fd = open_owner_only(self.dir / "lock", os.O_RDWR | os.O_CREAT)
-        lock(self._lock_fd, wait=True)
-        write_atomic(self.dir / "meta.json", json.dumps(meta).encode(), durable=self._durable)
-        self.max_bytes = max_bytes
-        self._segment = 0
-        self._fd = -1
-        self._offset = 0
-        self._sizes: dict[int, int] = {}  # bytes of each segment still on disk
-        self._open_segment(1)
+        self._lock_fd = self._fd = -1
+        try:
+            if self._durable:
+                fsync_dir(spool_dir)
+            self._lock_fd = open_owner_only(self.dir / "lock", os.O_RDWR | os.O_CREAT)
+            # Waits at most for a replayer's look: it finds no meta yet, and lets go.
+            lock(self._lock_fd, wait=True)
+            data = json.dumps(meta).encode()
+            write_atomic(self.dir / "meta.json", data, durable=self._durable)
+            self.max_bytes = max_bytes
+            self._segment = 0
+            self._offset = 0
+            self._sizes: dict[int, int] = {}  # bytes of each segment still on disk
+            self._open_segment(1)
+        except OSError:  # a full disk, say: leave nothing behind
+            shutil.rmtree(self.dir, ignore_errors=True)
+            for fd in (self._fd, self._lock_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
 
     @property
     def bytes(self) -> int:

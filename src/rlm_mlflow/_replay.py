@@ -117,24 +117,35 @@ def read_journal(
 
 
 def orphans(spool_dir: Path) -> Iterator[Orphan]:
-    """Journals in ``spool_dir`` whose owner is no longer alive (their lock is free)."""
+    """Journals in ``spool_dir`` whose owner is no longer alive (their lock is free).
+
+    A journal's owner writes its ``meta.json`` only once it holds the lock (`Journal`), so a
+    free lock means a dead owner only where the meta is there; without it the journal is
+    being created (its owner waits for the lock we hold for this instant) and is left alone.
+    """
     if not spool_dir.is_dir():
         return
     for journal_dir in sorted(spool_dir.glob("journal-*")):
+        lock_path = journal_dir / "lock"
         try:
-            fd = os.open(journal_dir / "lock", os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(lock_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         except OSError:
             continue
         if not lock(fd, wait=False):  # alive: its owner holds it
             os.close(fd)
             continue
         try:
-            meta = json.loads((journal_dir / "meta.json").read_bytes())
-            if not isinstance(meta, dict):
-                meta = {}
-        except (OSError, ValueError):
+            if os.fstat(fd).st_ino != os.stat(lock_path).st_ino:
+                raise FileNotFoundError(lock_path)  # removed since we opened it
+            raw = (journal_dir / "meta.json").read_bytes()
+        except OSError:  # no meta (yet): nothing to judge it by
+            os.close(fd)
+            continue
+        try:
+            meta = json.loads(raw)
+        except ValueError:
             meta = {}
-        yield Orphan(journal_dir, fd, meta)
+        yield Orphan(journal_dir, fd, meta if isinstance(meta, dict) else {})
 
 
 def waiting_journals(spool_dir: Path) -> list[dict[str, Any]]:
@@ -154,7 +165,11 @@ def waiting_journals(spool_dir: Path) -> list[dict[str, Any]]:
         journals.append(
             {
                 "dir": journal_dir,
-                "state": "live" if _held(journal_dir / "lock") else "waiting for sync",
+                "state": "live"
+                if _held(journal_dir / "lock")
+                else "waiting for sync"
+                if meta_path.exists()
+                else "never replayed: no meta.json",
                 "events": events,
                 "bytes": sum(p.stat().st_size for p in journal_dir.iterdir() if p.is_file()),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)),
