@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from rlm_mlflow._event import RunEnd, RunStart, Step
 from rlm_mlflow._journal import Journal
+from rlm_mlflow._orphans import orphans
 from rlm_mlflow._records import Problem, frame, parse
-from rlm_mlflow._replay import orphans
 
 
 def steps(first: int, n: int) -> list[Step]:

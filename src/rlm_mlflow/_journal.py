@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ._deadletter import open_owner_only, owner_only_dir
+from ._destination import normalise
 from ._event import RunEvent, RunStart
 from ._records import Position, _jsonable, frame
-from ._redact import redact_text
 
 SEGMENT_BYTES = 16 << 20
 SPILL_FILE = "spill.log"
@@ -213,8 +213,11 @@ def segment_name(number: int) -> str:
 
 
 def journal_meta(experiment: str, tracking_uri: str | None) -> dict[str, Any]:
+    """What a journal's writer records: its destination, ``tracking_uri`` as
+    `_destination.resolve` gives it, normalised here (in the writer's working directory,
+    its password masked); None when no destination is known."""
     return {
         "experiment": experiment,
-        "tracking_uri": redact_text(tracking_uri or ""),
+        "tracking_uri": normalise(tracking_uri) if tracking_uri else "",
         "pid": os.getpid(),
     }
