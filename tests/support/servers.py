@@ -174,12 +174,14 @@ class FaultProxy:
     Faults apply to the next requests in the order they were set: ``fail(n, status,
     retry_after)`` answers ``status`` to the next n requests, ``reset(n)`` resets the next n
     connections mid-request, ``delay`` adds seconds to every request, and ``refuse`` answers
-    400 INVALID_PARAMETER_VALUE to every log-batch request whose JSON body it matches.
+    400 INVALID_PARAMETER_VALUE to every log-batch request whose JSON body it matches. While
+    ``down`` is set, every connection is reset, as by a server that is not there.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.delay = 0.0
+        self.down = False
         self.refuse: Callable[[dict[str, Any]], bool] | None = None
         self.missing: set[str] = set()  # paths answered 501 (an endpoint the server lacks)
         self.served: dict[str, int] = {"forwarded": 0, "failed": 0, "reset": 0, "refused": 0}
@@ -227,7 +229,7 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if proxy.delay:
                     time.sleep(proxy.delay)
-                fault = proxy._next_fault()
+                fault = ("reset", 0, None) if proxy.down else proxy._next_fault()
                 if fault is not None and fault[0] == "reset":
                     proxy.served["reset"] += 1
                     self.connection.setsockopt(
