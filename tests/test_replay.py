@@ -237,3 +237,90 @@ def test_spans_travel_with_the_journal_whatever_the_replays_traces_setting(
     again = cli_sync(by_sync)
     assert again.returncode == 0 and "synced 1 journal(s)" in again.stdout
     assert_one_trace_with_every_step_once(readback, "by-sync")  # no second copy of a span
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB file system of its own (tmpfs, mounted for this test): a disk that fills."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (as on this machine and CI)")
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+FULL_DISK = """
+import json, sys
+from rlm_mlflow import MLflowSink
+sink = MLflowSink(True, experiment={experiment!r}, tracking_uri={uri!r}, spool_dir={spool!r},
+                  flush_interval=0.05, handle_sigterm=False)
+sink.on_run_start({run_id!r}, task="t", environment="e", params={{}})
+for step in range({steps}):
+    sink.on_step({run_id!r}, event={{"step": step, "reward": 0.5}}, cumulative_reward=step / 2)
+sink.on_run_end({run_id!r}, result={{"completed": True, "steps": {steps}, "total_reward": 1.0}},
+                run_path=None)
+print(json.dumps({{"flushed": sink.flush(timeout=120), **sink.status()}}), flush=True)
+sys.stdin.readline()  # the test says when to close (or SIGKILLs this process)
+print(json.dumps({{"closed": sink.close(timeout=60), **sink.status()}}), flush=True)
+"""
+
+
+def full_disk_writer(spool: Path, uri: str, experiment: str, run_id: str) -> Any:
+    """A process whose run outgrows the disk its spool is on; it says, in a JSON line, what
+    its sink shows once everything was flushed, and waits for a line to close."""
+    code = FULL_DISK.format(
+        experiment=experiment, uri=uri, spool=str(spool), run_id=run_id, steps=5000
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    flushed = json.loads(child.stdout.readline())
+    assert flushed["flushed"] and flushed["delivered"] == 5002 and flushed["failed"] == 0
+    assert flushed["spool"].startswith("failed: OSError: [Errno 28]")  # the disk is full
+    return child
+
+
+def test_a_full_disk_costs_nothing_and_no_sync_changes_how_the_run_ended(
+    small_disk: Path, mlflow_server: MlflowServer, experiment: str
+) -> None:
+    spool = small_disk / "spool"
+    readback = Readback(mlflow_server.url, experiment)
+    child = full_disk_writer(spool, mlflow_server.url, experiment, "crowded")
+    try:
+        (journal,) = journals(spool)  # torn at the end, its acks stopped at the failure
+        # While its writer lives, its journal is its own: a replay takes none of it.
+        alive = cli_sync(spool)
+        assert alive.returncode == 0 and "synced 0 journal(s)" in alive.stdout
+        assert journals(spool) == [journal]
+    finally:
+        child.kill()  # dies before it could close: the journal stays behind
+        child.wait()
+    run = readback.runs()["crowded"]
+    end_time = run.info.end_time
+    assert run.info.status == "FINISHED" and run.data.metrics["steps"] == 5000
+
+    synced = cli_sync(spool)
+    assert synced.returncode == 0, synced.stderr
+    assert "synced 1 journal(s)" in synced.stdout and "journals kept 0" in synced.stdout
+    run = readback.runs()["crowded"]
+    assert run.info.status == "FINISHED" and run.info.end_time == end_time  # not KILLED
+    assert run.data.metrics["steps"] == 5000
+    assert steps_of(readback, run) == list(range(5000))  # each once
+    assert journals(spool) == []
+
+    # The same run of a process that lives to close: everything in its journal landed, so
+    # close removes it.
+    child = full_disk_writer(spool, mlflow_server.url, experiment, "closed")
+    try:
+        out, _ = child.communicate("close\n", timeout=120)
+    finally:
+        child.kill()
+    closed = json.loads(out.splitlines()[-1])
+    assert closed["closed"] and (closed["delivered"], closed["pending"]) == (5002, 0)
+    assert child.returncode == 0 and journals(spool) == []
+    assert readback.runs()["closed"].info.status == "FINISHED"

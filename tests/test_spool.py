@@ -324,3 +324,70 @@ def test_a_journal_without_meta_is_left_alone(tmp_path: Path) -> None:
     (tmp_path / "journal-1-dead" / "lock").touch()
     assert list(orphans(tmp_path)) == []
     assert (tmp_path / "journal-1-dead" / "lock").exists()
+
+
+def test_sinks_starting_at_once_on_one_spool_keep_their_own_journals(tmp_path: Path) -> None:
+    """Two sinks of one destination start on one spool at the same instant, 200 times:
+    each gets its journal, and neither's start-up replay refuses or takes the other's."""
+    import threading
+
+    from support.memory import MemoryExporter
+
+    from rlm_mlflow import MLflowSink
+
+    spool = tmp_path / "spool"
+
+    def start(at_once: threading.Barrier, sinks: list[MLflowSink]) -> None:
+        at_once.wait()
+        sink = MLflowSink(
+            True,
+            experiment="shared",
+            tracking_uri="http://127.0.0.1:9",
+            spool_dir=str(spool),
+            exporter=MemoryExporter(),
+            handle_sigterm=False,
+        )
+        sinks.append(sink)
+
+    for _ in range(200):
+        at_once = threading.Barrier(2)
+        sinks: list[MLflowSink] = []
+        starting = [threading.Thread(target=start, args=(at_once, sinks)) for _ in range(2)]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
+        dirs = [Path(sink.status()["spool"]) for sink in sinks]
+        assert all(d.is_dir() and d.parent == spool for d in dirs), dirs
+        for sink in sinks:
+            sink.on_run_start("r", task="t", environment="e", params={})
+            assert sink.close(timeout=30)
+            assert sink.replayed is not None and sink.replayed.journals == 0
+        assert list(spool.glob("journal-*")) == []
+
+
+def test_status_shows_the_spool_on_off_or_refused_and_why(tmp_path: Path) -> None:
+    from support.memory import MemoryExporter
+
+    from rlm_mlflow import MLflowSink
+
+    def sink(spool_dir: str) -> MLflowSink:
+        return MLflowSink(
+            True, exporter=MemoryExporter(), spool_dir=spool_dir, handle_sigterm=False
+        )
+
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    refused, off, on = sink(str(not_a_dir)), sink(""), sink(str(tmp_path / "spool"))
+    try:
+        assert refused.status()["spool"].startswith("refused: FileExistsError: ")
+        assert str(not_a_dir) in refused.status()["spool"]
+        assert "\n" not in refused.status()["spool"]
+        assert off.status()["spool"] == "off"
+        (journal,) = (tmp_path / "spool").glob("journal-*")
+        assert on.status()["spool"] == str(journal)
+        refused.on_run_start("r", task="t", environment="e", params={})
+    finally:
+        for each in (refused, off, on):
+            assert each.close(timeout=30)
+    assert refused.status()["delivered"] == 1  # the sink itself works without its spool
