@@ -127,3 +127,45 @@ def test_tags_carry_the_parent_link_and_fit_mlflows_limits() -> None:
     assert "mlflow.parentRunId" not in batcher.run_tags("c", None, "k1")
     long = batcher.run_tags("r" * 10_000, None, "k1")
     assert len(long["run_id"]) == 8000 and len(long["mlflow.runName"]) == 250
+
+
+def test_a_journalled_event_admitted_again_keeps_its_trajectory() -> None:
+    """Replay admits what the journal holds (events admitted once already): the spans, the
+    token usage and the cut texts must come out as they went in."""
+    from rlm_mlflow._records import decode, encode
+
+    usage = {"total_calls": 1, "prompt_tokens": 120, "completion_tokens": 30}
+    hooked = [
+        RunStart("r", 1.0, "env", 900, {"depth": 0}, "key", {"task": "t" * 900}),
+        Step(
+            "r",
+            1,
+            0.5,
+            0.5,
+            2.0,
+            {
+                "step": 1,
+                "action": {"action": "run_python", "code": "x = 1\n" * 200},
+                "observation": {"success": True, **{f"k{i}": i for i in range(40)}},
+                "usage": usage,
+            },
+        ),
+        Step("r", 2, 0.5, 1.0, 3.0, usage),  # traces off: the usage alone
+        RunEnd(
+            "r",
+            4.0,
+            True,
+            2,
+            1.0,
+            None,
+            "FINISHED",
+            {"usage_summary": usage, "final_response": "f" * 900},
+        ),
+    ]
+    once = [batcher.admit(event, 100)[0] for event in hooked]
+    journalled = decode(encode(once))  # what replay reads back
+    again = [batcher.admit(event, 100)[0] for event in journalled]
+    assert again == once
+    assert once[1].extra["span"]["inputs"]["code"].endswith("more characters]")
+    assert once[1].extra["usage"] == [120, 30, 1] and once[2].extra == {"usage": [120, 30, 1]}
+    assert once[3].extra["usage"] == [120, 30, 1]

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from rlm_mlflow._event import RunEnd, RunStart, Step
 from rlm_mlflow._journal import Journal
+from rlm_mlflow._orphans import orphans
 from rlm_mlflow._records import Problem, frame, parse
-from rlm_mlflow._replay import orphans
 
 
 def steps(first: int, n: int) -> list[Step]:
@@ -285,3 +285,109 @@ def test_with_fsync_never_a_killed_process_loses_nothing_it_journalled(tmp_path:
     (orphan,) = orphans(tmp_path)
     assert [r[0].step for r in orphan.records()] == list(range(50)) and orphan.corrupt == 0
     orphan.release(remove=True)
+
+
+def test_a_journal_being_created_is_never_taken_by_a_replayer(tmp_path: Path) -> None:
+    """Two sinks starting on one spool: one creates its journal while the other replays
+    (takes and deletes) every orphan it finds. A journal whose lock file exists but is not
+    locked yet must not pass for an orphan (it did, in 2.7% of the starts of a stress run)."""
+    import threading
+
+    spool = tmp_path / "spool"
+    stop = threading.Event()
+    taken: list[str] = []
+
+    def replayer() -> None:
+        while not stop.is_set():
+            for orphan in orphans(spool):
+                taken.append(orphan.dir.name)
+                orphan.release(remove=True)
+
+    thread = threading.Thread(target=replayer)
+    thread.start()
+    try:
+        for _ in range(1000):
+            journal = Journal(spool, 1 << 30, {"experiment": "e"}, "never")
+            journal.append(steps(0, 1))
+            assert (journal.dir / "meta.json").exists()
+            journal.close(remove=True)
+    finally:
+        stop.set()
+        thread.join()
+    assert taken == []
+
+
+def test_a_journal_without_meta_is_left_alone(tmp_path: Path) -> None:
+    # What a writer that died between creating its directory and writing its meta leaves:
+    # nothing to judge it by (no destination, no records), so no replayer takes it.
+    (tmp_path / "journal-1-dead").mkdir()
+    (tmp_path / "journal-1-dead" / "lock").touch()
+    assert list(orphans(tmp_path)) == []
+    assert (tmp_path / "journal-1-dead" / "lock").exists()
+
+
+def test_sinks_starting_at_once_on_one_spool_keep_their_own_journals(tmp_path: Path) -> None:
+    """Two sinks of one destination start on one spool at the same instant, 200 times:
+    each gets its journal, and neither's start-up replay refuses or takes the other's."""
+    import threading
+
+    from support.memory import MemoryExporter
+
+    from rlm_mlflow import MLflowSink
+
+    spool = tmp_path / "spool"
+
+    def start(at_once: threading.Barrier, sinks: list[MLflowSink]) -> None:
+        at_once.wait()
+        sink = MLflowSink(
+            True,
+            experiment="shared",
+            tracking_uri="http://127.0.0.1:9",
+            spool_dir=str(spool),
+            exporter=MemoryExporter(),
+            handle_sigterm=False,
+        )
+        sinks.append(sink)
+
+    for _ in range(200):
+        at_once = threading.Barrier(2)
+        sinks: list[MLflowSink] = []
+        starting = [threading.Thread(target=start, args=(at_once, sinks)) for _ in range(2)]
+        for thread in starting:
+            thread.start()
+        for thread in starting:
+            thread.join()
+        dirs = [Path(sink.status()["spool"]) for sink in sinks]
+        assert all(d.is_dir() and d.parent == spool for d in dirs), dirs
+        for sink in sinks:
+            sink.on_run_start("r", task="t", environment="e", params={})
+            assert sink.close(timeout=30)
+            assert sink.replayed is not None and sink.replayed.journals == 0
+        assert list(spool.glob("journal-*")) == []
+
+
+def test_status_shows_the_spool_on_off_or_refused_and_why(tmp_path: Path) -> None:
+    from support.memory import MemoryExporter
+
+    from rlm_mlflow import MLflowSink
+
+    def sink(spool_dir: str) -> MLflowSink:
+        return MLflowSink(
+            True, exporter=MemoryExporter(), spool_dir=spool_dir, handle_sigterm=False
+        )
+
+    not_a_dir = tmp_path / "a-file"
+    not_a_dir.write_text("")
+    refused, off, on = sink(str(not_a_dir)), sink(""), sink(str(tmp_path / "spool"))
+    try:
+        assert refused.status()["spool"].startswith("refused: FileExistsError: ")
+        assert str(not_a_dir) in refused.status()["spool"]
+        assert "\n" not in refused.status()["spool"]
+        assert off.status()["spool"] == "off"
+        (journal,) = (tmp_path / "spool").glob("journal-*")
+        assert on.status()["spool"] == str(journal)
+        refused.on_run_start("r", task="t", environment="e", params={})
+    finally:
+        for each in (refused, off, on):
+            assert each.close(timeout=30)
+    assert refused.status()["delivered"] == 1  # the sink itself works without its spool

@@ -147,7 +147,10 @@ class Exporter(Protocol):
     experiment_id: str
 
     def create_run(self, run_name: str, start_ms: int, tags: dict[str, str]) -> str: ...
-    def find_run(self, key: str) -> str | None: ...
+    def find_run(self, key: str) -> tuple[str, str] | None:
+        """The run created for start ``key``, as (MLflow run id, its status), if any."""
+        ...
+
     def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None: ...
     def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None: ...
     def set_terminated(self, run_id: str, status: str, end_ms: int) -> None: ...
@@ -322,8 +325,8 @@ class Connection:
             self.exporter.create_run, run_name, start_ms, {**self.context_tags, **tags}
         )
 
-    async def find_run(self, key: str) -> str | None:
-        """The run a previous life of this journal created for ``key``, if any."""
+    async def find_run(self, key: str) -> tuple[str, str] | None:
+        """The run a previous life of this journal created for ``key``, and its status."""
         return await self.call(self.exporter.find_run, key)
 
     async def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:

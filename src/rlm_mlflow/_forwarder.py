@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ._buffer import Buffer
 from ._deadletter import DeadLetters
+from ._destination import resolve
 from ._event import Marker
 from ._exporter import Exporter
 from ._journal import SPILL_FILE, Journal, journal_meta
@@ -41,7 +42,18 @@ class Forwarder:
         """``journal``: keep this process's journal in ``settings.spool_dir`` (if set)."""
         s = settings
         self.settings = s
-        self.journal = _open_journal(s, experiment, tracking_uri) if journal else None
+        self.journal: Journal | None = None
+        self.spool_refused: str | None = None  # why the spool could not be opened
+        if journal and s.spool_dir:
+            try:
+                self.journal = _open_journal(s, experiment, tracking_uri)
+            except OSError as exc:
+                self.spool_refused = " ".join(f"{type(exc).__name__}: {exc}".split())
+                log.error(
+                    "spool_dir refused: the sink runs without a spool",
+                    spool_dir=s.spool_dir,
+                    error=self.spool_refused,
+                )
         spill = None
         if self.journal is not None and s.when_full == "spill":
             spill = Spill(self.journal.dir / SPILL_FILE, durable=s.fsync == "always")
@@ -67,6 +79,17 @@ class Forwarder:
         # Re-entrant: a SIGTERM handler may close while this thread is inside close().
         self._close_lock = threading.RLock()
         self.closing: Marker | None = None  # set once, by the first close
+
+    @property
+    def spool(self) -> str:
+        """``status()["spool"]``: ``off``, the journal's directory, ``refused: <why>`` (the
+        spool could not be opened), or ``failed: <why> (<directory>)`` (a write failed; it
+        takes no more records, and is kept for a sync unless everything in it landed)."""
+        if self.journal is None:
+            return f"refused: {self.spool_refused}" if self.spool_refused else "off"
+        if self.worker.journal_error is not None:
+            return f"failed: {self.worker.journal_error} ({self.journal.dir})"
+        return str(self.journal.dir)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every event accepted so far is finished (delivered or counted)."""
@@ -136,19 +159,9 @@ def close_all(forwarders: Sequence[Forwarder], timeout: float | None) -> bool:
     return done
 
 
-def _open_journal(s: Settings, experiment: str, tracking_uri: str | None) -> Journal | None:
-    """This process's journal in the spool, or None (no spool, or one that cannot be: that
-    one setting is refused, in one log line, and everything else works)."""
-    if not s.spool_dir:
-        return None
-    try:
-        return Journal(
-            Path(s.spool_dir), s.spool_max_bytes, journal_meta(experiment, tracking_uri), s.fsync
-        )
-    except OSError as exc:
-        log.error(
-            "spool_dir refused: the sink runs without a spool",
-            spool_dir=s.spool_dir,
-            error=f"{type(exc).__name__}: {exc}",
-        )
-        return None
+def _open_journal(s: Settings, experiment: str, tracking_uri: str | None) -> Journal:
+    """This process's journal in the spool, for its destination. OSError when the spool
+    cannot be: that one setting is refused (said in the log and in status()), and everything
+    else works."""
+    meta = journal_meta(experiment, resolve(tracking_uri))
+    return Journal(Path(s.spool_dir), s.spool_max_bytes, meta, s.fsync)

@@ -9,7 +9,9 @@ it from the acknowledged position (`_replay`).
 Layout of ``<spool_dir>/journal-<pid>-<id>/`` (directory 0700, files 0600):
 
 - ``lock``: locked by the owner while it lives; a replayer takes it to know the owner is dead.
-- ``meta.json``: experiment and (redacted) tracking URI of the owner.
+- ``meta.json``: the destination (experiment, tracking URI with its password masked) of the
+  owner; written once the owner holds the lock, so a journal without it is being created
+  and a replayer leaves it alone.
 - ``NNNNNNNN.seg``: records, one per drain.
 - ``ack.json``: the position replay starts from, and the starts of the runs open there.
 - ``spill.log``: the ``spill`` policy's overflow (`_spill`), newer than every segment.
@@ -23,6 +25,7 @@ fsyncs every event spilled by a hook.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -32,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ._deadletter import open_owner_only, owner_only_dir
+from ._destination import normalise
 from ._event import RunEvent, RunStart
 from ._records import Position, _jsonable, frame
-from ._redact import redact_text
 
 SEGMENT_BYTES = 16 << 20
 SPILL_FILE = "spill.log"
@@ -124,17 +127,26 @@ class Journal:
         owner_only_dir(spool_dir)
         self.dir = spool_dir / f"journal-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         owner_only_dir(self.dir)
-        if self._durable:
-            fsync_dir(spool_dir)
-        self._lock_fd = open_owner_only(self.dir / "lock", os.O_RDWR | os.O_CREAT)
-        lock(self._lock_fd, wait=True)
-        write_atomic(self.dir / "meta.json", json.dumps(meta).encode(), durable=self._durable)
-        self.max_bytes = max_bytes
-        self._segment = 0
-        self._fd = -1
-        self._offset = 0
-        self._sizes: dict[int, int] = {}  # bytes of each segment still on disk
-        self._open_segment(1)
+        self._lock_fd = self._fd = -1
+        try:
+            if self._durable:
+                fsync_dir(spool_dir)
+            self._lock_fd = open_owner_only(self.dir / "lock", os.O_RDWR | os.O_CREAT)
+            # Waits at most for a replayer's look: it finds no meta yet, and lets go.
+            lock(self._lock_fd, wait=True)
+            data = json.dumps(meta).encode()
+            write_atomic(self.dir / "meta.json", data, durable=self._durable)
+            self.max_bytes = max_bytes
+            self._segment = 0
+            self._offset = 0
+            self._sizes: dict[int, int] = {}  # bytes of each segment still on disk
+            self._open_segment(1)
+        except OSError:  # a full disk, say: leave nothing behind
+            shutil.rmtree(self.dir, ignore_errors=True)
+            for fd in (self._fd, self._lock_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
 
     @property
     def bytes(self) -> int:
@@ -150,7 +162,13 @@ class Journal:
         record = frame(events)
         if self._offset and self._offset + len(record) > SEGMENT_BYTES:
             self._open_segment(self._segment + 1)
-        os.write(self._fd, record)
+        written = os.write(self._fd, record)
+        if written < len(record):  # a full disk can take part of it: a torn record
+            self._offset += written
+            self._sizes[self._segment] = self._offset
+            raise OSError(
+                errno.ENOSPC, f"record written in part ({written} of {len(record)} bytes)"
+            )
         if self._durable:
             os.fsync(self._fd)
         self._offset += len(record)
@@ -219,8 +237,11 @@ def segment_name(number: int) -> str:
 
 
 def journal_meta(experiment: str, tracking_uri: str | None) -> dict[str, Any]:
+    """What a journal's writer records: its destination, ``tracking_uri`` as
+    `_destination.resolve` gives it, normalised here (in the writer's working directory,
+    its password masked); None when no destination is known."""
     return {
         "experiment": experiment,
-        "tracking_uri": redact_text(tracking_uri or ""),
+        "tracking_uri": normalise(tracking_uri) if tracking_uri else "",
         "pid": os.getpid(),
     }

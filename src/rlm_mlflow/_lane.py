@@ -30,6 +30,8 @@ U = TypeVar("U")
 Span = spans_.Span
 #: Step spans per request to the tracking store.
 SPANS_PER_CALL = 200
+#: MLflow's statuses of a run that ended.
+TERMINATED = frozenset({"FINISHED", "FAILED", "KILLED"})
 
 
 @dataclass
@@ -41,12 +43,9 @@ class Sending:
     replaying: bool  # a run may already exist: look it up by its key first
     connection: Connection | None = None  # set once connected
     unended: set[Lane] = field(default_factory=set)  # created in MLflow, not yet terminated
-    traces: bool = False  # the traces setting
+    traces: bool = False  # the traces setting (status' traces); a run's own is `Lane.tracing`
     max_spans: int = 2000
     traces_unavailable: str | None = None  # why the store takes no traces (status' traces)
-
-    def traces_on(self) -> bool:
-        return self.traces and self.traces_unavailable is None
 
     def traces_refused(self, exc: BaseException) -> bool:
         """Whether ``exc`` says the store takes no traces at all (then: metrics only)."""
@@ -89,6 +88,7 @@ class Lane:
     parent: Lane | None
     created: anyio.Event = field(default_factory=anyio.Event)
     mlflow_id: str | None = None
+    found_status: str | None = None  # the run's status in MLflow when a replay found it
     start_error: BaseException | None = None
     seen_steps: StepSet = field(default_factory=StepSet)
     pending: list[Event] = field(default_factory=list)
@@ -112,9 +112,13 @@ class Lane:
     traced: int = 0
     untraced: int = 0
     children: list[tuple[str, str]] = field(default_factory=list)
+    # Whether the run is a trace: its events say so (with traces on, its start carries the
+    # task and its steps a span), not the settings of the process sending it (a replay).
+    tracing: bool = False
 
     def __post_init__(self) -> None:
         self.last_time = self.start.time
+        self.tracing = isinstance(self.start.extra, dict) and "task" in self.start.extra
 
     @property
     def run_id(self) -> str:
@@ -174,7 +178,9 @@ class Lane:
                 await self.parent.created.wait()
                 parent_mlflow_id = self.parent.mlflow_id
             if s.replaying or find:
-                self.mlflow_id = await connection.find_run(event.key)
+                found = await connection.find_run(event.key)
+                if found is not None:
+                    self.mlflow_id, self.found_status = found
             if self.mlflow_id is None:
                 tags = payload.run_tags(self.run_id, parent_mlflow_id, event.key)
                 self.mlflow_id = await connection.create_run(
@@ -285,8 +291,9 @@ class Lane:
             tokens.append(("prompt_tokens", float(total[0]), ts, step))
             tokens.append(("completion_tokens", float(total[1]), ts, step))
         detail = extra.get("span")
-        if detail is None or not s.traces_on():
+        if detail is None or s.traces_unavailable is not None:
             return
+        self.tracing = True
         if self.traced >= s.max_spans:
             self.untraced += 1  # counted on the run's span: the UI wants few, not all
             return
@@ -341,9 +348,17 @@ class Lane:
             assert self.start_error is not None
             await s.outcomes.undeliverable(events, self, "set_terminated", self.start_error, [])
             return
+        if event.status == "KILLED" and self.found_status in TERMINATED:
+            # Our own end of a run the journal holds no end of: MLflow has its real end.
+            log.info(
+                "run ended before; its status is kept", run_id=self.run_id, status=self.found_status
+            )
+            self.terminated = True
+            s.unended.discard(self)
+            return
         connection, mlflow_id = s.ready(), self.mlflow_id
         failed: list[Exception] = []
-        if s.traces_on():  # the run's span: the trace gets its outputs and its link
+        if self.tracing and s.traces_unavailable is None:  # the run's span: outputs, link
             failed.extend(await self._send_root(event, s))
         if event.status == "FINISHED":
             rows = payload.admitted_summary_rows(event)

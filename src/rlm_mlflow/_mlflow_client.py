@@ -51,11 +51,11 @@ class MlflowClientExporter:
         )
         return str(run.info.run_id)
 
-    def find_run(self, key: str) -> str | None:
+    def find_run(self, key: str) -> tuple[str, str] | None:
         runs = self._client.search_runs(
             [self.experiment_id], filter_string=key_filter(key), max_results=1
         )
-        return str(runs[0].info.run_id) if runs else None
+        return (str(runs[0].info.run_id), str(runs[0].info.status)) if runs else None
 
     def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
         self._client.log_batch(run_id, params=[self._param(k, v) for k, v in params])

@@ -4,7 +4,12 @@ Each orphan (a journal whose process is gone) is fed, in order, through a worker
 in replay mode: runs it already created are found by their key instead of created again,
 and MLflow's store drops exact duplicate metrics, so a replay that repeats part of what was
 sent before the crash still leaves every point exactly once. Runs the dead process left open
-are ended as KILLED. A journal is deleted only once all of it has landed.
+are ended as KILLED, unless MLflow shows them ended already (a run's end is its end). A
+journal is deleted only once all of it has landed.
+
+A journal goes only to the destination it names (`_destination.route`): a sink's start-up
+replay takes its own destination's journals alone, `rlm-mlflow sync` sends each to its own
+(or, given a URI, those for that URI), and says what it left and for whom.
 
 Replay never stops on bad bytes: an unreadable ``ack.json`` (empty, torn, garbage) means
 "replay everything on disk", a record that does not check out is reported with its offset
@@ -14,168 +19,19 @@ and skipped, and a journal that cannot be replayed at all is kept and the next o
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._deadletter import DeadLetters
-from ._event import RunEvent, RunStart, Step
+from ._destination import Destination, Leave, Send, route
+from ._event import Step
 from ._forwarder import Forwarder, close_all
-from ._journal import SPILL_FILE, lock
 from ._log import log
-from ._records import Position, Problem, parse
-from ._settings import DEFAULT_EXPERIMENT, Settings
-
-#: What the spill file was called before version 1 of the record format.
-LEGACY_SPILL_FILE = "overflow.log"
-
-
-@dataclass
-class Orphan:
-    """A journal whose owner is gone, locked by us while we replay it."""
-
-    dir: Path
-    lock_fd: int
-    meta: dict[str, Any] = field(default_factory=dict)
-    corrupt: int = 0  # records (or stretches of bytes) skipped, each reported
-
-    def open_runs(self) -> list[RunStart]:
-        starts: list[RunStart] = []
-        for fields in read_ack(self.dir)[1]:
-            try:
-                starts.append(RunStart(*fields))
-            except TypeError:
-                self._report(self.dir / "ack.json", 0, "an open run that is not a run start")
-        return starts
-
-    def records(self) -> Iterator[list[RunEvent]]:
-        """The journalled drains from the acknowledged position on, skipping corrupt ones."""
-        for path, _, item in read_journal(self.dir, read_ack(self.dir)[0]):
-            if isinstance(item, Problem):
-                self._report(path, item.offset, item.reason)
-            else:
-                yield item
-
-    def _report(self, path: Path, offset: int, why: str) -> None:
-        self.corrupt += 1
-        log.error("journal record skipped", file=str(path), offset=offset, reason=why)
-
-    def release(self, *, remove: bool) -> None:
-        if remove:
-            import shutil
-
-            shutil.rmtree(self.dir, ignore_errors=True)
-        os.close(self.lock_fd)
-
-
-def read_ack(journal_dir: Path) -> tuple[Position, list[Any]]:
-    """Where replay starts, and the runs open there. An ack that cannot be read (empty, torn,
-    garbage) says nothing: replay starts at the first record on disk."""
-    path = journal_dir / "ack.json"
-    try:
-        state = json.loads(path.read_bytes())
-        position = (int(state["segment"]), int(state["offset"]))
-        open_runs = state.get("open_runs", [])
-        if position[0] < 0 or position[1] < 0 or not isinstance(open_runs, list):
-            raise ValueError("out of range")
-        return position, [fields for fields in open_runs if isinstance(fields, list)]
-    except FileNotFoundError:
-        return (0, 0), []
-    except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
-        log.error(
-            "ack.json cannot be read; replaying every record on disk",
-            file=str(path),
-            error=f"{type(exc).__name__}: {str(exc)[:200]}",
-        )
-        return (0, 0), []
-
-
-def read_journal(
-    journal_dir: Path, start: Position
-) -> Iterator[tuple[Path, int, list[RunEvent] | Problem]]:
-    """Every record of a journal from ``start``: segments in order, then the spill file."""
-    for path in sorted(journal_dir.glob("*.seg")):
-        try:
-            number = int(path.stem)
-        except ValueError:
-            continue
-        if number < start[0]:
-            continue
-        data = path.read_bytes()
-        offset = start[1] if number == start[0] else 0
-        for end, item in parse(data, min(offset, len(data))):
-            yield path, end, item
-    for name in (SPILL_FILE, LEGACY_SPILL_FILE):  # spilled, never drained: newer than all
-        spill = journal_dir / name
-        if spill.exists():
-            for end, item in parse(spill.read_bytes()):
-                yield spill, end, item
-
-
-def orphans(spool_dir: Path) -> Iterator[Orphan]:
-    """Journals in ``spool_dir`` whose owner is no longer alive (their lock is free)."""
-    if not spool_dir.is_dir():
-        return
-    for journal_dir in sorted(spool_dir.glob("journal-*")):
-        try:
-            fd = os.open(journal_dir / "lock", os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            continue
-        if not lock(fd, wait=False):  # alive: its owner holds it
-            os.close(fd)
-            continue
-        try:
-            meta = json.loads((journal_dir / "meta.json").read_bytes())
-            if not isinstance(meta, dict):
-                meta = {}
-        except (OSError, ValueError):
-            meta = {}
-        yield Orphan(journal_dir, fd, meta)
-
-
-def waiting_journals(spool_dir: Path) -> list[dict[str, Any]]:
-    """What ``rlm-mlflow status`` shows of a spool, writing nothing: each journal, whether
-    its process still holds it, the events and bytes from its acknowledged position, and
-    since when it exists."""
-    if not spool_dir.is_dir():
-        return []
-    journals = []
-    for journal_dir in sorted(spool_dir.glob("journal-*")):
-        meta_path = journal_dir / "meta.json"
-        since = (meta_path if meta_path.exists() else journal_dir).stat().st_mtime
-        events = 0
-        for _, _, item in read_journal(journal_dir, read_ack(journal_dir)[0]):
-            if not isinstance(item, Problem):
-                events += len(item)
-        journals.append(
-            {
-                "dir": journal_dir,
-                "state": "live" if _held(journal_dir / "lock") else "waiting for sync",
-                "events": events,
-                "bytes": sum(p.stat().st_size for p in journal_dir.iterdir() if p.is_file()),
-                "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)),
-            }
-        )
-    return journals
-
-
-def _held(lock_path: Path) -> bool:
-    """Whether a live process holds this journal's lock (asked without waiting; taking it
-    for an instant writes nothing)."""
-    try:
-        fd = os.open(lock_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return False
-    try:
-        return not lock(fd, wait=False)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+from ._orphans import Orphan, orphans
+from ._redact import redact_uri
+from ._settings import Settings
 
 
 @dataclass
@@ -190,6 +46,9 @@ class SyncSummary:
     failed: int = 0
     corrupt_records: int = 0
     kept: int = 0  # journals left in place because not all of them landed
+    sent_to: list[str] = field(default_factory=list)  # the tracking URIs replayed to
+    left: list[str] = field(default_factory=list)  # journals for other destinations
+    need_uri: list[str] = field(default_factory=list)  # left: sendable with a URI given
 
     def add(self, other: SyncSummary) -> None:
         for f in dataclasses.fields(self):
@@ -202,12 +61,74 @@ def sync(
     settings: Settings,
     dead_letters: DeadLetters,
     progress: Callable[[int], None] | None = None,
+    unreachable: Callable[[str], str | None] | None = None,
 ) -> SyncSummary:
-    """Deliver every orphaned journal in ``spool_dir``; returns what was done."""
+    """`rlm-mlflow sync`: deliver the orphaned journals in ``spool_dir``, each to the
+    destination it names. With a ``tracking_uri``, only those that name it (or none: the
+    caller says where). ``unreachable(uri)`` says why a destination cannot be reached now
+    (its journals are then kept without a try), or None."""
+    return _deliver(
+        spool_dir,
+        lambda meta: route(meta, tracking_uri),
+        settings,
+        dead_letters,
+        progress,
+        unreachable,
+    )
+
+
+def replay_own(
+    spool_dir: Path,
+    tracking_uri: str | None,
+    experiment: str,
+    settings: Settings,
+    dead_letters: DeadLetters,
+) -> SyncSummary:
+    """A sink's start-up replay: the orphaned journals of its own destination alone."""
+    owner = Destination.of(tracking_uri, experiment)
+    summary = _deliver(
+        spool_dir, lambda meta: route(meta, tracking_uri, owner), settings, dead_letters
+    )
+    if summary.left:
+        log.info(
+            "journals of other destinations are left in the spool for rlm-mlflow sync",
+            journals=len(summary.left),
+            destinations=sorted(set(summary.left)),
+        )
+    return summary
+
+
+def _deliver(
+    spool_dir: Path,
+    choose: Callable[[dict[str, Any]], Send | Leave],
+    settings: Settings,
+    dead_letters: DeadLetters,
+    progress: Callable[[int], None] | None = None,
+    unreachable: Callable[[str], str | None] | None = None,
+) -> SyncSummary:
     total = SyncSummary()
+    checked: dict[str, str | None] = {}
     for orphan in orphans(spool_dir):
+        send = choose(orphan.meta)
+        if isinstance(send, Leave):
+            orphan.release(remove=False)
+            (total.need_uri if send.needs_uri else total.left).append(send.destination)
+            continue
+        uri = send.tracking_uri
+        if unreachable is not None and uri is not None:
+            why = checked[uri] if uri in checked else checked.setdefault(uri, unreachable(uri))
+            if why is not None:
+                log.error(
+                    "journal kept: its tracking server does not answer",
+                    journal=str(orphan.dir),
+                    tracking_uri=redact_uri(uri),
+                    error=why,
+                )
+                orphan.release(remove=False)
+                total.add(SyncSummary(journals=1, kept=1))
+                continue
         try:
-            summary = _replay(orphan, tracking_uri, settings, dead_letters, progress)
+            summary = _replay(orphan, send, settings, dead_letters, progress)
         except Exception as exc:  # one bad journal must not cost the others
             log.exception(
                 "journal could not be replayed; kept for another sync",
@@ -222,18 +143,22 @@ def sync(
 
 def _replay(
     orphan: Orphan,
-    tracking_uri: str | None,
+    send: Send,
     settings: Settings,
     dead_letters: DeadLetters,
     progress: Callable[[int], None] | None,
 ) -> SyncSummary:
     """One orphaned journal through a worker of its own; released (deleted if it all
     landed) before returning."""
-    summary = SyncSummary(journals=1)
+    tracking_uri, experiment = send
+    summary = SyncSummary(journals=1, sent_to=[redact_uri(tracking_uri) or "default"])
     summary.bytes = sum(p.stat().st_size for p in orphan.dir.glob("*.seg"))
-    experiment = str(orphan.meta.get("experiment") or DEFAULT_EXPERIMENT)
     log.info(
-        "replaying journal", journal=str(orphan.dir), experiment=experiment, bytes=summary.bytes
+        "replaying journal",
+        journal=str(orphan.dir),
+        tracking_uri=summary.sent_to[0],
+        experiment=experiment,
+        bytes=summary.bytes,
     )
     # Nothing is dropped while replaying: the hooks here are ours and may wait.
     forwarder = Forwarder(

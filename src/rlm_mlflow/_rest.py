@@ -151,7 +151,7 @@ class RestExporter:
         self._artifact_uris[info["run_id"]] = info.get("artifact_uri", "")
         return str(info["run_id"])
 
-    def find_run(self, key: str) -> str | None:
+    def find_run(self, key: str) -> tuple[str, str] | None:
         body = {
             "experiment_ids": [self.experiment_id],
             "filter": key_filter(key),
@@ -162,7 +162,7 @@ class RestExporter:
             return None
         info = runs[0]["info"]
         self._artifact_uris[info["run_id"]] = info.get("artifact_uri", "")
-        return str(info["run_id"])
+        return str(info["run_id"]), str(info.get("status", "RUNNING"))
 
     def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
         body = {"run_id": run_id, "params": [{"key": k, "value": v} for k, v in params]}

@@ -53,7 +53,7 @@ class Router:
         self._settings = settings
         self._outcomes = outcomes
         self.journal = journal
-        self._journal_writable = journal is not None  # off after a failed write (full disk)
+        self.journal_error: str | None = None  # why the journal takes no more (a full disk)
         self.backlog = Backlog(journal) if journal is not None else None
         self._spawn = spawn  # gives a lane with events a task of the worker's loop
         self.open: dict[str, Lane] = {}  # started, end not yet routed
@@ -81,7 +81,7 @@ class Router:
 
     def spool_takes(self) -> bool:
         """A journal that takes more (not failed, not at ``spool_max_bytes``)."""
-        return self._journal_writable and self.journal is not None and not self.journal.full()
+        return self.journal_error is None and self.journal is not None and not self.journal.full()
 
     def ready(self) -> bool:
         """Work waiting that needs no wake-up: the backlog, with room to read it back."""
@@ -115,7 +115,8 @@ class Router:
         common case by far) take a short way: no second event, no call per step."""
         stats = self._outcomes.stats
         stats.drained += len(drained) - sum(1 for e in drained if e.__class__ is Marker)
-        journalled: list[RunEvent] | None = [] if self._journal_writable else None
+        writable = self.journal is not None and self.journal_error is None
+        journalled: list[RunEvent] | None = [] if writable else None
         open_, unavailable = self.open, self._outcomes.unavailable is not None
         extras = 0
         for item in drained:
@@ -241,19 +242,25 @@ class Router:
 
     def _journal_append(self, events: list[RunEvent]) -> Position | None:
         journal = self.journal
-        if journal is None or not self._journal_writable or self._outcomes.import_error:
+        if journal is None or self.journal_error is not None or self._outcomes.import_error:
             return None
         try:
             return journal.append(events)
-        except OSError as exc:  # e.g. a full disk: go on without it, keeping its lock
-            log.error(
-                "spool write failed; going on without it (what it holds stays for a sync)",
-                journal=str(journal.dir),
-                error=str(exc),
-            )
-            self._journal_writable = False
-            self._outcomes.spooling = False
+        except OSError as exc:
+            self._journal_failed(exc)
             return None
+
+    def _journal_failed(self, exc: OSError) -> None:
+        """A write failed (a full disk): no more records, but the journal stays ours (its
+        lock held) until close, which removes it only if everything in it landed."""
+        assert self.journal is not None
+        self.journal_error = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "spool write failed; going on without it (what it holds stays for a sync)",
+            journal=str(self.journal.dir),
+            error=self.journal_error,
+        )
+        self._outcomes.spooling = False
 
     def _route(self, event: RunEvent) -> None:
         if self._outcomes.unavailable is not None:
@@ -309,8 +316,13 @@ class Router:
             self.add_marker(Marker(ack=(position, starts)))
 
     def _ack(self, ack: tuple[Position, list[RunStart]]) -> None:
-        if self.journal is not None and not self._outcomes.keep_journal:
-            self.journal.ack(*ack)
+        journal = self.journal
+        if journal is None or self._outcomes.keep_journal or self.journal_error is not None:
+            return
+        try:
+            journal.ack(*ack)
+        except OSError as exc:
+            self._journal_failed(exc)
 
     def recover(self) -> None:
         """After a crash of the loop (what was in flight is counted failed by the worker):

@@ -29,7 +29,7 @@ from ._forwarder import Forwarder, close_all
 from ._log import log
 from ._payload import show
 from ._redact import redact_text, redact_uri
-from ._replay import SyncSummary, sync
+from ._replay import SyncSummary, replay_own
 from ._settings import DEFAULT_EXPERIMENT, Settings, parse_bool
 
 
@@ -117,10 +117,15 @@ class MLflowSink:
         self._start_forwarder(replay_orphans=False)
 
     def _replay_orphans(self) -> None:
-        """Deliver what dead processes left in the spool (runs beside the live worker)."""
+        """Deliver what dead processes left in the spool for this sink's destination (runs
+        beside the live worker); other destinations' journals wait for `rlm-mlflow sync`."""
         try:
-            self.replayed = sync(
-                Path(self.settings.spool_dir), self.tracking_uri, self.settings, self.dead_letters
+            self.replayed = replay_own(
+                Path(self.settings.spool_dir),
+                self.tracking_uri,
+                self.experiment,
+                self.settings,
+                self.dead_letters,
             )
         except Exception as exc:  # never into the caller; say it
             log.exception("replay of the spool failed", error=redact_text(str(exc)))
@@ -343,6 +348,7 @@ class MLflowSink:
             spooled=stats.spooled,
             skipped=stats.skipped,
             traces=worker.traces_status,
+            spool=self._forwarder.spool,
             last_error=stats.last_error,
             closed=self.closed,
         )

@@ -26,8 +26,11 @@ from typing import Any
 
 #: What a cut text ends with (the number of characters left out follows it).
 CUT_MARKER = " …[cut: {} more characters]"
+_CUT_END = re.compile(r" …\[cut: \d+ more characters\]\Z")
 #: Keys of one input or output mapping kept at most (the rest are counted in ``…``).
 MAX_KEYS = 32
+#: rlm-code's usage keys, in the order of a plain usage (``[prompt, completion, calls]``).
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "total_calls")
 
 Span = dict[str, Any]  # one span in OTLP/JSON form
 #: A code point UTF-8 cannot encode: a surrogate (e.g. from bytes decoded ``surrogateescape``).
@@ -36,9 +39,11 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def cut(text: str, limit: int) -> str:
     """``text`` cut at ``limit`` characters (with a marker), and storable: every text of a
-    span passes here."""
+    span passes here. A text cut before (a journalled event replayed) is not cut again."""
     if len(text) > limit:
-        text = text[:limit] + CUT_MARKER.format(len(text) - limit)
+        marker = _CUT_END.search(text)
+        if marker is None or marker.start() > limit:
+            text = text[:limit] + CUT_MARKER.format(len(text) - limit)
     return storable(text)
 
 
@@ -95,7 +100,7 @@ def plain_usage(value: Any) -> list[int] | None:
     if not isinstance(value, Mapping):
         return None
     numbers = []
-    for key in ("prompt_tokens", "completion_tokens", "total_calls"):
+    for key in USAGE_KEYS:
         item = value.get(key, 0)
         if isinstance(item, bool) or not isinstance(item, (int, float)) or not item >= 0:
             return None
@@ -103,11 +108,21 @@ def plain_usage(value: Any) -> list[int] | None:
     return numbers if any(numbers) else None
 
 
+def journalled_usage(value: Any) -> list[int] | None:
+    """A usage made plain before (``[prompt, completion, calls]``), checked again."""
+    if not isinstance(value, list) or len(value) != len(USAGE_KEYS):
+        return None
+    return plain_usage(dict(zip(USAGE_KEYS, value, strict=True)))
+
+
 def step_extra(extra: Any, limit: int) -> dict[str, Any] | None:
     """A step's extra as the hook took it (the usage, or with traces a copy of the event)
-    made plain: ``usage`` and, with traces, the ``span``'s name, inputs and outputs."""
+    made plain: ``usage`` and, with traces, the ``span``'s name, inputs and outputs. An extra
+    made plain before (a journalled step, replayed) keeps what it holds."""
     if extra is None:
         return None
+    if isinstance(extra, Mapping) and extra.keys() <= {"usage", "span"}:
+        return _plain_step_extra(extra)
     if isinstance(extra, Mapping) and "step" in extra:  # the whole event: traces are on
         out: dict[str, Any] = {}
         usage = plain_usage(extra.get("usage"))
@@ -125,6 +140,23 @@ def step_extra(extra: Any, limit: int) -> dict[str, Any] | None:
     return {"usage": usage} if usage is not None else None
 
 
+def _plain_step_extra(extra: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The parts of a journalled step's extra that still have their plain shape."""
+    out: dict[str, Any] = {}
+    usage = journalled_usage(extra.get("usage"))
+    if usage is not None:
+        out["usage"] = usage
+    span = extra.get("span")
+    if (
+        isinstance(span, Mapping)
+        and isinstance(span.get("name"), str)
+        and isinstance(span.get("inputs"), Mapping)
+        and isinstance(span.get("outputs"), Mapping)
+    ):
+        out["span"] = {k: span[k] for k in ("name", "inputs", "outputs")}
+    return out or None
+
+
 def start_extra(extra: Any, limit: int) -> dict[str, Any] | None:
     if not isinstance(extra, Mapping) or "task" not in extra:
         return None
@@ -136,6 +168,8 @@ def end_extra(extra: Any, limit: int) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {}
     usage = plain_usage(extra.get("usage_summary"))
+    if usage is None:  # made plain before: a journalled end, replayed
+        usage = journalled_usage(extra.get("usage"))
     if usage is not None:
         out["usage"] = usage
     if extra.get("final_response") is not None:

@@ -122,6 +122,11 @@ class Worker:
         return self.outcomes.unavailable or self.outcomes.misconfigured
 
     @property
+    def journal_error(self) -> str | None:
+        """Why the journal takes no more records (a full disk), or None."""
+        return self._router.journal_error
+
+    @property
     def import_error(self) -> str | None:
         return self.outcomes.import_error
 
@@ -401,7 +406,9 @@ class Worker:
                 delivered=self.stats.delivered,
             )
         if self._journal is not None:
-            self._journal.close(remove=not self.outcomes.keep_journal)
+            # After a write failure, events that did not land may be in it: keep it then.
+            failed_after = self.journal_error is not None and self.stats.failed > 0
+            self._journal.close(remove=not (self.outcomes.keep_journal or failed_after))
 
     def _count_unrouted(self) -> None:
         """The deadline ran out before the rest of the buffer could be taken: counted failed

@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ._deadletter import DeadLetters
+from ._destination import DEFAULT_TRACKING_URI
 from ._exporter import is_http
 from ._instrument import blind_flags, warning
 from ._log import RECORD_KEY, stdlib_logger
+from ._orphans import waiting_journals
 from ._redact import redact_uri
-from ._replay import waiting_journals
 from ._settings import DEFAULT_EXPERIMENT, PARSERS, Settings, env_name, parse_bool
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 KNOWN_SCHEMES = frozenset(
     {"http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks"}
 )
@@ -171,7 +171,12 @@ def settings_from(args: argparse.Namespace, **fixed: Any) -> Settings:
 
 
 def resolve_uri(args: argparse.Namespace) -> str:
-    uri: str = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return checked_uri(
+        args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    )
+
+
+def checked_uri(uri: str) -> str:
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme.split("+", 1)[0] not in KNOWN_SCHEMES:
         raise CliError(
@@ -329,8 +334,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             for journal in value:
                 print(
                     f"{'journal':<{width}}  {journal['dir']}: {journal['state']}, "
-                    f"{journal['events']} events, {journal['bytes']} bytes, "
-                    f"since {journal['since']}"
+                    f"for {journal['destination']}, {journal['events']} events, "
+                    f"{journal['bytes']} bytes, since {journal['since']}"
                 )
         else:
             print(f"{key:<{width}}  {value}")
@@ -343,9 +348,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     spool = Path(args.spool_dir)
     if not spool.is_dir():
         raise CliError(f"{spool} is not a directory (the spool_dir argument)")
-    tracking_uri = resolve_uri(args)
+    # Given (flag or MLFLOW_TRACKING_URI): only the journals for it. Else each to its own.
+    given = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+    tracking_uri = checked_uri(given) if given else None
     settings = settings_from(args, spool_dir=str(spool))
-    preflight(tracking_uri, spooled=False)
+    if tracking_uri is not None:
+        preflight(tracking_uri, spooled=False)
     dead_letters = Path(settings.dead_letter_file or spool / "dead-letter.jsonl")
     replayed = 0
     started = time.perf_counter()
@@ -357,19 +365,46 @@ def cmd_sync(args: argparse.Namespace) -> int:
         end = "" if sys.stderr.isatty() else "\n"
         sys.stderr.write(f"\rreplayed {replayed} events ({rate:,.0f}/s){end}")
 
-    summary = sync(spool, tracking_uri, settings, DeadLetters(dead_letters), progress=progress)
+    def unreachable(uri: str) -> str | None:  # a server that is not there: kept, not tried
+        if not is_http(uri):
+            return None
+        reachable, detail = probe(uri)
+        return None if reachable else detail
+
+    summary = sync(spool, tracking_uri, settings, DeadLetters(dead_letters), progress, unreachable)
     if replayed:
         sys.stderr.write("\n")
-    print(
-        f"synced {summary.journals} journal(s) to {redact_uri(tracking_uri)}: "
+    to = redact_uri(tracking_uri) or ", ".join(sorted(set(summary.sent_to)))
+    line = (
+        f"synced {summary.journals} journal(s){f' to {to}' if to else ''}: "
         f"{summary.runs} runs, {summary.metrics} metrics, {summary.bytes} bytes read; "
         f"delivered {summary.delivered} events, rejected {summary.rejected}, "
         f"dead-lettered {summary.dead_lettered}, failed {summary.failed}, "
         f"corrupt records skipped {summary.corrupt_records}, journals kept {summary.kept}"
     )
+    if summary.left:
+        line += (
+            f"; left {len(summary.left)} journal(s) for other destinations: {listing(summary.left)}"
+        )
+    if summary.need_uri:
+        line += (
+            f"; left {len(summary.need_uri)} journal(s) that need --tracking-uri: "
+            f"{listing(summary.need_uri)}"
+        )
+    print(line)
     if summary.dead_lettered:
         print(f"dead letters: {dead_letters}")
-    return 0 if summary.kept == 0 else 1
+    # Journals for other destinations are not this sync's to send; kept ones, and ones it
+    # could not send for want of a URI, are what the user still has to see to.
+    return 0 if summary.kept == 0 and not summary.need_uri else 1
+
+
+def listing(destinations: list[str]) -> str:
+    """Each destination once, in order, with its number of journals when more than one."""
+    counts: dict[str, int] = {}
+    for destination in destinations:
+        counts[destination] = counts.get(destination, 0) + 1
+    return ", ".join(d if n == 1 else f"{d} x{n}" for d, n in counts.items())
 
 
 def cmd_instrument(args: argparse.Namespace) -> int:
@@ -432,11 +467,12 @@ def log_to_stderr(log_format: str) -> None:
     stdlib_logger.propagate = False
 
 
-def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
+def add_tracking_uri(parser: argparse.ArgumentParser, help_text: str | None = None) -> None:
     parser.add_argument(
         "--tracking-uri",
         default=None,
-        help=f"MLflow tracking URI (env MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
+        help=help_text
+        or f"MLflow tracking URI (env MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI})",
     )
 
 
@@ -510,10 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     sync_ = sub.add_parser(
         "sync",
         help="deliver what dead or offline processes left in a spool directory",
+        description="Deliver every journal that dead or offline processes left in the spool "
+        "to the destination it names (tracking URI and experiment). With --tracking-uri (or "
+        "MLFLOW_TRACKING_URI) only the journals for that URI, and those that name none; the "
+        "summary says what was left, and for which destinations.",
         formatter_class=Help,
     )
     sync_.add_argument("spool_dir", help="the spool directory (DSPY_RLM_MLFLOW_SPOOL_DIR)")
-    add_tracking_uri(sync_)
+    add_tracking_uri(
+        sync_,
+        "only the journals for this tracking URI (env MLFLOW_TRACKING_URI), and those that "
+        "name none; else each journal to the URI it names",
+    )
     add_setting_flags(sync_, skip=("spool_dir", "when_full", "spool_max_bytes"))
     sync_.set_defaults(func=cmd_sync)
     instrument = sub.add_parser(
@@ -530,8 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 done, 1 done but something was not delivered, 2 bad usage or setting,
-    3 tracking server unreachable, 127 instrument's command not found."""
+    """Exit codes: 0 done, 1 done but something was not delivered (for sync: a journal
+    kept, or one that needs --tracking-uri; journals for other destinations are not
+    failures), 2 bad usage or setting, 3 tracking server unreachable, 127 instrument's
+    command not found."""
     args = build_parser().parse_args(argv)
     log_to_stderr(args.log_format)
     try:

@@ -81,11 +81,11 @@ class MemoryExporter:
             self.runs[run_id] = MemoryRun(run_id, run_name, start_ms, dict(tags))
         return run_id
 
-    def find_run(self, key: str) -> str | None:
+    def find_run(self, key: str) -> tuple[str, str] | None:
         self._enter("find_run", None)
         with self._lock:
             found = [r for r in self.runs.values() if r.tags.get(RUN_KEY_TAG) == key]
-        return found[0].run_id if found else None
+        return (found[0].run_id, found[0].status) if found else None
 
     def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
         self._enter("log_params", run_id, params)

@@ -511,7 +511,8 @@ class FaultProxy:
     Faults apply to the next requests in the order they were set: ``fail(n, status,
     retry_after)`` answers ``status`` to the next n requests, ``reset(n)`` resets the next n
     connections mid-request, ``delay`` adds seconds to every request, and ``refuse`` answers
-    400 INVALID_PARAMETER_VALUE to every log-batch request whose JSON body it matches.
+    400 INVALID_PARAMETER_VALUE to every log-batch request whose JSON body it matches. While
+    ``down`` is set, every connection is reset, as by a server that is not there.
 
     Modes, until `clear`: `redirect` sends every request elsewhere, `html` answers 200 with a
     login page, a path in ``missing`` is answered as by a server without that endpoint (501, or
@@ -527,6 +528,7 @@ class FaultProxy:
         self.target_port = target_port
         self.tls = tls
         self.delay = 0.0
+        self.down = False
         self.refuse: Callable[[dict[str, Any]], bool] | None = None
         self.missing: set[str] = set()  # paths answered as missing (an endpoint the server lacks)
         self.missing_status: dict[str, int] = {}  # their status, when not 501
@@ -693,7 +695,7 @@ class FaultProxy:
                 proxy._arrived(path)
                 if proxy.delay:
                     time.sleep(proxy.delay)
-                fault = proxy._next_fault()
+                fault = ("reset", 0, None) if proxy.down else proxy._next_fault()
                 if fault is not None and fault[0] == "reset":
                     proxy._count("reset")
                     self.connection.setsockopt(
