@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 from conftest import Readback, capture_logs
+from mlflow import MlflowClient
 from support.servers import FaultProxy, MlflowServer
 from support.trajectories import Result, attribute, rlm_run, step_event, traces_of
 
