@@ -235,10 +235,19 @@ def test_a_redirect_that_turns_posts_into_gets_names_the_uri_to_use(
     status = sink.status()
     assert (status["dead_lettered"], status["spooled"], status["pending"]) == (0, 102, 0)
 
-    proxy.clear()
-    done = sync(spool, proxy.url)
+    # The fix the message asks for: the server's own URI; the journal names the old one.
+    left = sync(spool, mlflow_server.url)
+    assert f"left 1 journal(s) for other destinations: {proxy.url}" in left.stdout
+    done = subprocess.run(
+        [CLI, "sync", str(spool), "--tracking-uri", mlflow_server.url, "--moved-from", proxy.url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert_exactly_once(Readback(mlflow_server.url, experiment), "moved", 100)
+    assert proxy.served["redirected"] > 0 and not list(spool.glob("journal-*"))
 
 
 def test_a_redirect_that_keeps_the_method_still_delivers(

@@ -129,12 +129,16 @@ class Leave(NamedTuple):
 
 
 def route(
-    meta: Mapping[str, Any], given: str | None, owner: Destination | None = None
+    meta: Mapping[str, Any],
+    given: str | None,
+    owner: Destination | None = None,
+    moved_from: str | None = None,
 ) -> Send | Leave:
     """Where a replay sends a journal. ``owner``: a sink's start-up replay (its destination,
     ``given`` its own URI) takes only its own journals. Else `rlm-mlflow sync`: with a URI
-    ``given``, the journals that name it or none, sent there; without, each journal to its
-    own URI, if the spool holds all of it."""
+    ``given``, the journals that name it or none, sent there (and, with ``moved_from``, those
+    that name that URI: a server that moved); without, each journal to its own URI, if the
+    spool holds all of it."""
     destination = Destination.named_by(meta)
     experiment = destination.experiment if destination is not None else _experiment(meta)
     if owner is not None:
@@ -142,7 +146,8 @@ def route(
             return Send(given, experiment)
         return Leave(str(destination or _nowhere(meta)), destination is None)
     if given is not None:
-        if destination is None or destination.tracking_uri == normalise(given):
+        taken = {normalise(given)} | ({normalise(moved_from)} if moved_from else set())
+        if destination is None or destination.tracking_uri in taken:
             return Send(given, experiment)
         return Leave(str(destination), False)
     if destination is None:

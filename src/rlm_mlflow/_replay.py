@@ -62,14 +62,16 @@ def sync(
     dead_letters: DeadLetters,
     progress: Callable[[int], None] | None = None,
     unreachable: Callable[[str], str | None] | None = None,
+    moved_from: str | None = None,
 ) -> SyncSummary:
     """`rlm-mlflow sync`: deliver the orphaned journals in ``spool_dir``, each to the
     destination it names. With a ``tracking_uri``, only those that name it (or none: the
-    caller says where). ``unreachable(uri)`` says why a destination cannot be reached now
-    (its journals are then kept without a try), or None."""
+    caller says where), or ``moved_from`` (the URI the server had before it moved).
+    ``unreachable(uri)`` says why a destination cannot be reached now (its journals are then
+    kept without a try), or None."""
     return _deliver(
         spool_dir,
-        lambda meta: route(meta, tracking_uri),
+        lambda meta: route(meta, tracking_uri, moved_from=moved_from),
         settings,
         dead_letters,
         progress,

@@ -371,7 +371,17 @@ def cmd_sync(args: argparse.Namespace) -> int:
         reachable, detail = probe(uri)
         return None if reachable else detail
 
-    summary = sync(spool, tracking_uri, settings, DeadLetters(dead_letters), progress, unreachable)
+    if args.moved_from and tracking_uri is None:
+        raise CliError("--moved-from needs --tracking-uri (where the server is now)")
+    summary = sync(
+        spool,
+        tracking_uri,
+        settings,
+        DeadLetters(dead_letters),
+        progress,
+        unreachable,
+        moved_from=args.moved_from,
+    )
     if replayed:
         sys.stderr.write("\n")
     to = redact_uri(tracking_uri) or ", ".join(sorted(set(summary.sent_to)))
@@ -557,6 +567,13 @@ def build_parser() -> argparse.ArgumentParser:
         sync_,
         "only the journals for this tracking URI (env MLFLOW_TRACKING_URI), and those that "
         "name none; else each journal to the URI it names",
+    )
+    sync_.add_argument(
+        "--moved-from",
+        metavar="URI",
+        default=None,
+        help="also send the journals that name URI to --tracking-uri: the server moved (a "
+        "redirect said where), or the journals were written through a proxy since replaced",
     )
     add_setting_flags(sync_, skip=("spool_dir", "when_full", "spool_max_bytes"))
     sync_.set_defaults(func=cmd_sync)
