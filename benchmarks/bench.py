@@ -4,7 +4,8 @@ For each tracking store (an `mlflow server` with SQLite and 1 worker, the same w
 workers, the embedded `sqlite:///` store) the contenders run in rounds, each in a fresh
 process, in a rotated order so that none always runs first or last. Reported: medians over
 the rounds, and the ratios the targets are stated in. Then two scenarios on the 4-worker
-server: memory while the server is stopped (SIGSTOP) for --stall seconds, and the flush at
+server: memory while the server is stopped (SIGSTOP) for --stall seconds (plain steps and
+traced 4 KB steps, with drop_newest, spill, and a spool), and the flush at
 shutdown of a 100,000-step run against the ceiling's time for the same data.
 
 Writes benchmarks/results/bench-<time>.json (and latest.json) and benchmarks/results/bench.png.
@@ -27,6 +28,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the test rig: real servers
 from support.servers import MlflowServer
+
+from rlm_mlflow._settings import Settings
+
+DEFAULT_MEMORY_MAX_BYTES = Settings().memory_max_bytes
+#: The RSS growth docs/tuning.md promises at most, in memory_max_bytes.
+RSS_FACTOR = 3
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -239,9 +246,22 @@ def print_ratios(checks: list[tuple[str, float, str, bool]]) -> None:
         print(f"  {what:<42} {fmt(value):>10}   target {target:<8} {'met' if met else 'MISSED'}")
 
 
-def stall(server: MlflowServer, seconds: float) -> dict[str, Any]:
-    """Our sink's memory while the server is stopped and the loop runs at full speed."""
-    settings = {"when_full": "drop_newest"}  # the loop keeps its full speed; drops counted
+#: The memory scenarios: what the sink holds while the server is stopped and the loop runs at
+#: full speed. Plain steps, and rlm-code-shaped traced steps with 4 KB of code and 4 KB of
+#: output each (the text limit's default), with the full-buffer policies that keep the loop
+#: at full speed, and with a spool (the journal takes what memory cannot hold).
+MEMORY = {
+    "plain": {"when_full": "drop_newest"},
+    "traced-4k": {"when_full": "drop_newest", "traces": True, "texts": 4096},
+    "traced-4k-spill": {"when_full": "spill", "traces": True, "texts": 4096},
+    "traced-4k-spool": {"when_full": "drop_newest", "traces": True, "texts": 4096},
+}
+SPOOLED = {"traced-4k-spill", "traced-4k-spool"}
+
+
+def stall(server: MlflowServer, seconds: float, settings: dict[str, Any]) -> dict[str, Any]:
+    """Our sink's memory while the server is stopped (SIGSTOP) and the loop runs at full
+    speed for ``seconds``: the RSS it grows by, against the bound in bytes."""
     child = subprocess.Popen(
         [
             sys.executable,
@@ -271,14 +291,23 @@ def stall(server: MlflowServer, seconds: float) -> dict[str, Any]:
         out = next(line for line in child.stdout if line.startswith('{"contender"'))
     finally:
         os.killpg(server.process.pid, signal.SIGCONT)
-    child.wait(timeout=300)  # its close delivers the backlog to the resumed server
+    child.wait(timeout=600)  # its close delivers the backlog to the resumed server
     result: dict[str, Any] = json.loads(out)
-    # The bound: a full buffer plus as much again taken by the worker, at ~200 B an event
-    # (measured with tracemalloc), plus ~70 B per accepted step for the repeated-step check.
-    queue_size = 100_000
-    result["bound_mb"] = 2 * queue_size * (200 + 70) / (1 << 20)
+    # The documented bound: the events' bytes stay within memory_max_bytes (its default
+    # here); the process's RSS also keeps what the allocator holds after they are gone.
+    result["bound_mb"] = RSS_FACTOR * DEFAULT_MEMORY_MAX_BYTES / (1 << 20)
     result["within_bound"] = result["rss_growth_mb"] <= result["bound_mb"]
     return result
+
+
+def memory(server: MlflowServer, seconds: float, spools: Path) -> dict[str, Any]:
+    results = {}
+    for name, settings in MEMORY.items():
+        if name in SPOOLED:
+            settings = {**settings, "spool_dir": str(spools / name)}
+        print(f"  memory, server stopped: {name}", flush=True)
+        results[name] = stall(server, seconds, settings)
+    return results
 
 
 def shutdown_flush(server: MlflowServer, ceiling: str, rounds_: int, steps: int) -> dict[str, Any]:
@@ -366,8 +395,7 @@ def main() -> None:
                         rounds(server.url, list(SPOOL), args.rounds, SPOOL, Path(tmp) / "spools")
                     )
                     results["spool"] = spool
-                    print("  stall: server stopped while the loop runs", flush=True)
-                    results["stall"] = stall(server, args.stall)
+                    results["memory"] = memory(server, args.stall, Path(tmp) / "memory")
                     print("  flush at shutdown of a long run", flush=True)
                     ceiling = max(("raw-1", "raw-4"), key=lambda n: table[n]["metrics_per_s"])
                     results["shutdown_flush"] = shutdown_flush(
@@ -388,14 +416,15 @@ def main() -> None:
         print_table(
             f"the spool, server-4-workers (medians of {args.rounds} rounds)", results["spool"]
         )
-    if "stall" not in results:
+    if "memory" not in results:
         return
-    s = results["stall"]
-    print(
-        f"\nserver stopped {args.stall:.0f} s, loop at full speed: {s['steps_logged']:,} steps, "
-        f"RSS +{s['rss_growth_mb']:.1f} MB (bound {s['bound_mb']:.0f} MB: "
-        f"{'within' if s['within_bound'] else 'EXCEEDED'}), {s['dropped']:,} dropped (counted)"
-    )
+    print(f"\nserver stopped {args.stall:.0f} s, loop at full speed:")
+    for name, s in results["memory"].items():
+        print(
+            f"  {name:<16} {s['steps_logged']:>10,} steps, RSS +{s['rss_growth_mb']:.1f} MB "
+            f"(bound {s['bound_mb']:.0f} MB: {'within' if s['within_bound'] else 'EXCEEDED'}), "
+            f"{s['dropped']:,} dropped (counted)"
+        )
     f = results["shutdown_flush"]
     print(
         f"{f['steps']:,}-step run: all on the server {f['ours_all_on_server_s']:.1f} s after "

@@ -307,8 +307,10 @@ def run_stall(args: argparse.Namespace) -> dict[str, Any]:
     from rlm_mlflow import MLflowSink
 
     settings = json.loads(args.settings)
+    texts = settings.pop("texts", 0)  # chars of code and of output per step: rlm-code's events
     sink = MLflowSink(True, experiment=args.experiment, tracking_uri=args.uri, **settings)
     sink.on_run_start("stall", task=TASK, environment="bench", params=PARAMS)
+    code, stdout = ("x = 1\n" * texts)[:texts], ("1\n" * texts)[:texts]
     sink.flush(timeout=60)  # connected, the run exists: now the driver stops the server
     print(json.dumps({"ready": True}), flush=True)
     input()  # the driver says when the server is stopped
@@ -319,7 +321,12 @@ def run_stall(args: argparse.Namespace) -> dict[str, Any]:
     samples = 0
     while time.perf_counter() < stop:
         for _ in range(10_000):
-            sink.on_step("stall", event={"step": step, "reward": 0.5}, cumulative_reward=step)
+            event: dict[str, Any] = {"step": step, "reward": 0.5}
+            if texts:  # texts of their own each step, as a real loop's are
+                event["action"] = {"action": "run_python", "code": f"# {step}\n{code}"}
+                event["observation"] = {"success": True, "stdout": f"{step}\n{stdout}"}
+                event["usage"] = USAGE
+            sink.on_step("stall", event=event, cumulative_reward=step)
             step += 1
         samples += 1
         if samples % 10 == 0:
@@ -332,6 +339,7 @@ def run_stall(args: argparse.Namespace) -> dict[str, Any]:
         "rss_peak_mb": peak,
         "rss_growth_mb": peak - baseline,
         "dropped": status["dropped"],
+        "spooled_so_far": status["pending"] - status["queued"],
         "queued": status["queued"],
         "pending": status["pending"],
     }

@@ -15,10 +15,19 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+#: The shares of ``memory_max_bytes``: the buffer's, what is in flight (in the lanes, being
+#: sent or retried), and a drain being journalled (in memory several times meanwhile). The
+#: rest is headroom: the requests' bodies, the allocator's own (measured in `make bench`).
+BUFFER_SHARE = 1 / 3
+IN_FLIGHT_SHARE = 1 / 3
+CHUNK_SHARE = 1 / 32
 #: Bytes a plain step holds in the buffer.
 STEP_BYTES = 200
 #: Bytes a plain step holds in flight: in its lane, and its metric rows while being sent.
 STEP_INFLIGHT_BYTES = 400
+#: A traced step before it is measured, besides its texts (the event's copy, its action and
+#: observation dicts): the buffer's first bound with traces on.
+TRACED_GUESS_BYTES = 1024
 #: One event with an extra in this many is measured.
 SAMPLE = 16
 #: The fewest events the buffer's bound in bytes leaves room for, however large they are.
@@ -29,7 +38,7 @@ _ITEMS = 256  # items of one container walked; the rest are extrapolated
 def size_of(value: Any, depth: int = 0) -> int:
     """Bytes ``value`` holds, roughly: text and containers walked four levels deep."""
     if isinstance(value, (str, bytes)):
-        return 49 + len(value)
+        return sys.getsizeof(value)  # O(1); a text with one non-ASCII character is 2-4x
     if depth >= 4:
         return sys.getsizeof(value, 64)
     if isinstance(value, Mapping):
@@ -66,8 +75,8 @@ class Gauge:
 
 def buffer_bound(queue_size: int, memory_max_bytes: int, event_bytes: float) -> int:
     """The buffer's bound in events: ``queue_size``, lowered so that that many events of
-    ``event_bytes`` fit in half of ``memory_max_bytes``."""
-    fitting = int(memory_max_bytes / 2 / max(event_bytes, STEP_BYTES))
+    ``event_bytes`` fit in the buffer's share of ``memory_max_bytes``."""
+    fitting = int(memory_max_bytes * BUFFER_SHARE / max(event_bytes, STEP_BYTES))
     return max(min(queue_size, fitting), min(queue_size, MIN_BUFFER_EVENTS))
 
 

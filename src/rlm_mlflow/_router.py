@@ -5,7 +5,7 @@ A round drains the buffer, admits every event (`_payload.admit`: the one place w
 are checked; a bad one is rejected alone), journals the drain when there is a spool, and
 routes the events to their run's lane; flush/close markers and the journal's acks go to
 `_markers`. What is held in memory is bounded in events (``queue_size``) and in bytes (half
-of ``memory_max_bytes``, estimated by `_memory`; the buffer's bound is lowered to fit the
+of ``memory_max_bytes``' share, estimated by `_memory`; the buffer's bound is lowered to fit the
 other half). When what is in flight holds all it may, a spool takes the drains instead
 (`_backlog`), and they come back from it as room is made; without one the worker stops
 taking, the buffer fills, and its full-buffer policy applies.
@@ -24,7 +24,16 @@ from ._journal import Journal
 from ._lane import Lane
 from ._log import log
 from ._markers import Markers
-from ._memory import STEP_BYTES, STEP_INFLIGHT_BYTES, Gauge, buffer_bound, size_of
+from ._memory import (
+    CHUNK_SHARE,
+    IN_FLIGHT_SHARE,
+    STEP_BYTES,
+    STEP_INFLIGHT_BYTES,
+    TRACED_GUESS_BYTES,
+    Gauge,
+    buffer_bound,
+    size_of,
+)
 from ._outcomes import Outcomes, hook_name
 from ._payload import admit, is_plain_step
 from ._records import Position, Problem
@@ -61,7 +70,14 @@ class Router:
         self.markers = Markers(self._ack, buffer.wakeup.set)
         self._raw = Gauge()  # extras as the hooks took them (the buffer's share)
         self._admitted = Gauge()  # extras once admitted and cut (the share in flight)
-        self._event_bytes = float(STEP_BYTES)  # an event in the buffer, on average
+        # An event in the buffer, on average: with traces, a guess (a program and its output
+        # at the text limit) until the first events are measured; the buffer starts bounded.
+        self._event_bytes = float(STEP_BYTES)
+        if settings.traces:
+            self._event_bytes += TRACED_GUESS_BYTES + 2 * settings.trace_text_limit
+            buffer.limit(
+                buffer_bound(settings.queue_size, settings.memory_max_bytes, self._event_bytes)
+            )
 
     # -- what the loop asks --------------------------------------------------------------------
 
@@ -76,7 +92,7 @@ class Router:
         """What is in flight holds all the memory it may."""
         return (
             self.in_flight() >= self._settings.queue_size
-            or self.held_bytes() >= self._settings.memory_max_bytes / 2
+            or self.held_bytes() >= self._settings.memory_max_bytes * IN_FLIGHT_SHARE
         )
 
     def spool_takes(self) -> bool:
@@ -98,16 +114,23 @@ class Router:
         spool takes it, buffer -> journal and journal -> lanes as room allows."""
         if self.backlog or (self.full() and self.spool_takes()):
             if self.spool_takes():
-                self.journal_only(self._buffer.drain(self._settings.queue_size))
+                self.journal_only(self._buffer.drain(self._chunk()))
             self._read_back()
         elif not self.full() and (self.journal is None or not self.journal.full()):
             self.route_all(self._buffer.drain(self._room()))
+
+    def _chunk(self) -> int:
+        """Events taken into the journal at a time: `CHUNK_SHARE` of the memory bound's worth
+        (while they are journalled they are in memory several times: events, admitted, JSON)."""
+        s = self._settings
+        chunk = s.memory_max_bytes * CHUNK_SHARE / self._event_bytes
+        return max(1, min(s.queue_size, int(chunk)))
 
     def _room(self) -> int:
         """Events that fit in flight now, in number and in bytes."""
         s = self._settings
         per_event = STEP_INFLIGHT_BYTES + self._admitted.average
-        by_bytes = int((s.memory_max_bytes / 2 - self.held_bytes()) / per_event)
+        by_bytes = int((s.memory_max_bytes * IN_FLIGHT_SHARE - self.held_bytes()) / per_event)
         return max(1, min(s.queue_size - self.in_flight(), by_bytes))
 
     def route_all(self, drained: list[Event]) -> None:
@@ -214,7 +237,10 @@ class Router:
         if drained:
             share = extras / drained
             estimate = STEP_BYTES + share * self._raw.average
-            self._event_bytes += (estimate - self._event_bytes) / 8
+            if estimate > self._event_bytes:  # bigger events: the bound follows at once
+                self._event_bytes = estimate
+            else:  # smaller: slowly, so that a mixed stream is not taken for small
+                self._event_bytes += (estimate - self._event_bytes) / 8
             bound = buffer_bound(s.queue_size, s.memory_max_bytes, self._event_bytes)
             if abs(bound - self._buffer.capacity) > self._buffer.capacity // 10:
                 self._buffer.limit(bound)
@@ -344,7 +370,7 @@ class Router:
         backlog exists), in chunks, until ``until`` (time.monotonic(); None: no limit).
         Returns how many events were left (the worker counts them)."""
         while len(self._buffer) and (until is None or time.monotonic() < until):
-            chunk = self._buffer.drain(1000)
+            chunk = self._buffer.drain(min(1000, self._chunk()))
             if self.backlog and self.spool_takes():
                 self.journal_only(chunk)
             else:
