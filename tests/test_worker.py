@@ -26,6 +26,7 @@ from hypothesis.stateful import (
 from support.memory import MemoryExporter
 
 from rlm_mlflow import MLflowSink
+from rlm_mlflow import _exporter as exporter_module
 from rlm_mlflow._event import RunStart, Step
 from rlm_mlflow._journal import Journal
 
@@ -41,6 +42,8 @@ class Forwarding(RuleBasedStateMachine):
 
     @initialize()
     def open_sink(self) -> None:
+        self._pace = exporter_module.MISCONFIGURED_RETRY_S
+        exporter_module.MISCONFIGURED_RETRY_S = (0.005, 0.02)  # the slow pace, made quick
         self.exporter = MemoryExporter()
         self.dir = Path(tempfile.mkdtemp(prefix="rlm-mlflow-sm-"))
         self.sink = MLflowSink(
@@ -112,6 +115,14 @@ class Forwarding(RuleBasedStateMachine):
         self.failures = True
         self.exporter.fail(call, times, permanent=permanent and call != "set_terminated")
 
+    @rule(
+        call=st.sampled_from(["create_run", "log_params", "log_metrics", "set_terminated"]),
+        times=st.integers(1, 3),
+    )
+    def refused_for_configuration(self, call: str, times: int) -> None:
+        """A wrong password for a while: tried again until it goes, nothing given up."""
+        self.exporter.misconfigure(call, times)
+
     @rule()
     def flush(self) -> None:
         assert self.sink.flush(timeout=30)
@@ -141,6 +152,8 @@ class Forwarding(RuleBasedStateMachine):
             return
         assert self.sink.close(timeout=30)
         self.check_counts()
+        exporter_module.MISCONFIGURED_RETRY_S = self._pace
+        assert self.sink.status()["dead_lettered"] == 0 or self.failures
         order = self.exporter.calls
         runs = self.exporter.by_run_id()
         position = {}

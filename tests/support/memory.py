@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlm_mlflow._exporter import HttpError, Unreachable
+from rlm_mlflow._exporter import HttpError, Misconfigured, Unreachable
 from rlm_mlflow._payload import RUN_KEY_TAG, MetricRow
 
 
@@ -57,6 +57,12 @@ class MemoryExporter:
                 if permanent
                 else HttpError(503, "TEMPORARILY_UNAVAILABLE", "scripted", retry_after=0.0)
             )
+            self._scripted.setdefault(call, []).extend([error] * times)
+
+    def misconfigure(self, call: str, times: int) -> None:
+        """The next ``times`` such calls are refused as a wrong password would be."""
+        with self._lock:
+            error = Misconfigured("401 from http://memory: scripted refusal")
             self._scripted.setdefault(call, []).extend([error] * times)
 
     def unreachable(self, call: str, times: int) -> None:
