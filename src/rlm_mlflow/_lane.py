@@ -341,7 +341,9 @@ class Lane:
             lost.update((step, exc) for step, _ in part)
 
     async def end(self, event: RunEnd, s: Sending, upload: bool = True) -> None:
-        """Summary, artifact, then terminate; ``upload`` is off in the close's last attempt."""
+        """Summary, artifact, then terminate. ``upload`` is off in the close's last attempt,
+        where the run is terminated first (MLflow takes metrics on an ended run): with the
+        deadline near, a RUNNING run is the one thing that must not be left."""
         # A KILLED end is the sink's own (for a run never ended), not a caller's event.
         events = 1 if event.status == "FINISHED" else 0
         if self.mlflow_id is None:
@@ -358,6 +360,8 @@ class Lane:
             return
         connection, mlflow_id = s.ready(), self.mlflow_id
         failed: list[Exception] = []
+        if not upload:
+            await self._terminate(event, s, failed)
         if self.tracing and s.traces_unavailable is None:  # the run's span: outputs, link
             failed.extend(await self._send_root(event, s))
         if event.status == "FINISHED":
@@ -375,9 +379,18 @@ class Lane:
                     run_id=self.run_id,
                     run_path=event.run_path,
                 )
-        try:  # even when the rest failed: never leave an orphaned RUNNING run
-            await connection.set_terminated(
-                mlflow_id, event.status, payload.timestamp_ms(event.time)
+        if upload:  # even when the rest failed: never leave an orphaned RUNNING run
+            await self._terminate(event, s, failed)
+        if failed:
+            s.outcomes.failed_call(self, failed[-1], events)
+        else:
+            s.outcomes.tally(self, "delivered", events)
+
+    async def _terminate(self, event: RunEnd, s: Sending, failed: list[Exception]) -> None:
+        assert self.mlflow_id is not None
+        try:
+            await s.ready().set_terminated(
+                self.mlflow_id, event.status, payload.timestamp_ms(event.time)
             )
             self.terminated = True
             s.unended.discard(self)
@@ -386,10 +399,6 @@ class Lane:
                 0, self, "set_terminated", exc, [{"status": event.status}]
             )
             failed.append(exc)
-        if failed:
-            s.outcomes.failed_call(self, failed[-1], events)
-        else:
-            s.outcomes.tally(self, "delivered", events)
 
     async def _send_root(self, event: RunEnd, s: Sending) -> list[Exception]:
         start, extra = self.start, event.extra or {}

@@ -366,13 +366,20 @@ class Router:
         self.markers.check()
 
     def drain_rest(self, until: float | None) -> int:
-        """At the end of the loop: take what is left in the buffer (journal only while a
-        backlog exists), in chunks, until ``until`` (time.monotonic(); None: no limit).
+        """At the end of the loop: take what is left in the buffer, in chunks (journal only
+        while a backlog exists), until ``until`` (time.monotonic(); None: no limit). With a
+        deadline and no spool to keep them, steps are counted failed at once (the close's
+        last attempt sends none), so that its time goes to the runs' starts and ends.
         Returns how many events were left (the worker counts them)."""
         while len(self._buffer) and (until is None or time.monotonic() < until):
             chunk = self._buffer.drain(min(1000, self._chunk()))
             if self.backlog and self.spool_takes():
                 self.journal_only(chunk)
+            elif until is not None and not self.spool_takes():
+                steps = sum(1 for e in chunk if e.__class__ is Step)
+                self._outcomes.stats.drained += steps
+                self._outcomes.tally(None, "failed", steps)
+                self.route_all([e for e in chunk if e.__class__ is not Step])
             else:
                 self.route_all(chunk)
         return len(self._buffer)
