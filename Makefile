@@ -24,7 +24,7 @@ ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 3
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
