@@ -34,6 +34,11 @@ SINK_MODULE = "rlm_mlflow._autolog_sink"
 TARGET = "rlm_code.rlm.observability"
 #: The package that re-exports it (``from rlm_code.rlm import MLflowSink``).
 PACKAGE = "rlm_code.rlm"
+#: rlm-code's runner and benchmark manager: runs learn their runner, benchmarks become
+#: parent runs (`_benchmark`).
+RUNNER = "rlm_code.rlm.runner"
+BENCHMARKS = "rlm_code.rlm.benchmark_manager"
+MODULES = (TARGET, RUNNER, BENCHMARKS)
 
 _lock = threading.RLock()
 _enabled = False
@@ -70,9 +75,10 @@ def autolog(disable: bool = False) -> bool:
             )
             return False
         _enabled = True
-        if TARGET in sys.modules:
-            _patch(sys.modules[TARGET])
-        else:
+        for name in MODULES:
+            if name in sys.modules:
+                _patch_module(name, sys.modules[name])
+        if any(name not in sys.modules for name in MODULES):
             _install_finder()
         return True
 
@@ -115,8 +121,29 @@ def _patch(module: ModuleType) -> None:
             target.MLflowSink = AutologSink  # type: ignore[attr-defined]
 
 
+def _patch_module(name: str, module: ModuleType) -> None:
+    if name == TARGET:
+        _patch(module)
+        return
+    from . import _benchmark
+
+    try:
+        if name == RUNNER:
+            _benchmark.patch_runner(module)
+        elif name == BENCHMARKS:
+            _benchmark.patch(module)
+    except Exception as exc:  # another rlm-code version: runs still go to MLflow, as runs
+        _log().warning("autolog: rlm-code's benchmarks are not instrumented", error=repr(exc))
+
+
 def _unpatch() -> None:
-    """rlm-code's own class under both names again (the one `AutologSink` extends)."""
+    """rlm-code's own classes and functions again (the one `AutologSink` extends)."""
+    from . import _benchmark
+
+    if RUNNER in sys.modules:
+        _benchmark.unpatch_runner(sys.modules[RUNNER])
+    if BENCHMARKS in sys.modules:
+        _benchmark.unpatch(sys.modules[BENCHMARKS])
     sink_module = sys.modules.get(SINK_MODULE)
     if sink_module is None:  # never patched
         return
@@ -140,21 +167,22 @@ class _PatchingLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         self._inner.exec_module(module)
         with _lock:
-            _remove_finder()
+            if all(name in sys.modules for name in MODULES):
+                _remove_finder()
             if _enabled:
-                _patch(module)
+                _patch_module(module.__name__, module)
 
     def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... for tools
         return getattr(self._inner, name)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Waits for rlm-code's observability module and wraps its loader."""
+    """Waits for rlm-code's modules (`MODULES`) and wraps their loaders."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> ModuleSpec | None:
-        if fullname != TARGET:
+        if fullname not in MODULES:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

@@ -19,7 +19,7 @@ class RunStart(NamedTuple):
     task_chars: int | None  # len(task); None when the task has no length
     params: dict[str, Any]  # a shallow copy taken in the hook
     key: str  # unique per start: a replay finds the run it already created by this tag
-    extra: Any = None  # with traces: {"task": the task text}
+    extra: Any = None  # with traces {"task": the task text}; and `_extras`' tags, name, parent
 
 
 class Step(NamedTuple):
@@ -38,8 +38,11 @@ class RunEnd(NamedTuple):
     steps: Any
     total_reward: Any
     run_path: Any  # str | os.PathLike | None
-    status: str = "FINISHED"  # KILLED when the sink ends a run the caller never ended
-    extra: Any = None  # {"usage_summary": ..., "final_response": ...} when the result has them
+    status: str = "FINISHED"  # FINISHED, FAILED or KILLED
+    #: {"usage_summary": ..., "final_response": ...} when the result has them; and what
+    #: `_extras` describes (metrics, tags, artifacts, a table, a model, assessments).
+    extra: Any = None
+    own: bool = False  # the sink's own end (KILLED) of a run the caller never ended
 
 
 class Marker:

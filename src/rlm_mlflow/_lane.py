@@ -12,13 +12,14 @@ once, through `Outcomes`: a step is delivered when all of it landed.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
 
 from . import _payload as payload
+from . import _run_extras as run_extras
 from . import _spans as spans_
 from ._event import Event, RunEnd, RunStart, Step
 from ._exporter import Connection, TracesUnsupported, is_entity_error, is_transient
@@ -46,6 +47,7 @@ class Sending:
     traces: bool = False  # the traces setting (status' traces); a run's own is `Lane.tracing`
     max_spans: int = 2000
     traces_unavailable: str | None = None  # why the store takes no traces (status' traces)
+    unsupported: set[str] = field(default_factory=set)  # features the store lacks, said once
 
     def traces_refused(self, exc: BaseException) -> bool:
         """Whether ``exc`` says the store takes no traces at all (then: metrics only)."""
@@ -183,8 +185,9 @@ class Lane:
                     self.mlflow_id, self.found_status = found
             if self.mlflow_id is None:
                 tags = payload.run_tags(self.run_id, parent_mlflow_id, event.key)
+                name, tags = run_extras.start_tags(self, tags)
                 self.mlflow_id = await connection.create_run(
-                    payload.run_name(self.run_id), payload.timestamp_ms(event.time), tags
+                    name, payload.timestamp_ms(event.time), tags
                 )
             s.unended.add(self)
         except Exception as exc:
@@ -255,7 +258,7 @@ class Lane:
         if self.mlflow_id is None:
             assert self.start_error is not None
             await s.outcomes.undeliverable(
-                counted, self, "log_batch", self.start_error, metric_dicts(rows)
+                counted, self, "log_batch", self.start_error, payload.metric_dicts(rows)
             )
             return
         lost: dict[int, Exception] = {}  # step -> why (a step is lost if a part of it is)
@@ -320,7 +323,7 @@ class Lane:
         assert mlflow_id is not None
         failures = await s.bisect(rows, lambda part: connection.log_metrics(mlflow_id, part))
         for part, exc in failures:
-            await s.outcomes.undeliverable(0, self, "log_batch", exc, metric_dicts(part))
+            await s.outcomes.undeliverable(0, self, "log_batch", exc, payload.metric_dicts(part))
             lost.update((row[3], exc) for row in part)
 
     async def _send_spans(
@@ -344,13 +347,13 @@ class Lane:
         """Summary, artifact, then terminate. ``upload`` is off in the close's last attempt,
         where the run is terminated first (MLflow takes metrics on an ended run): with the
         deadline near, a RUNNING run is the one thing that must not be left."""
-        # A KILLED end is the sink's own (for a run never ended), not a caller's event.
-        events = 1 if event.status == "FINISHED" else 0
+        # The sink's own end (KILLED, for a run never ended) is not a caller's event.
+        events = 0 if event.own else 1
         if self.mlflow_id is None:
             assert self.start_error is not None
             await s.outcomes.undeliverable(events, self, "set_terminated", self.start_error, [])
             return
-        if event.status == "KILLED" and self.found_status in TERMINATED:
+        if event.own and self.found_status in TERMINATED:
             # Our own end of a run the journal holds no end of: MLflow has its real end.
             log.info(
                 "run ended before; its status is kept", run_id=self.run_id, status=self.found_status
@@ -363,16 +366,24 @@ class Lane:
         if not upload:
             await self._terminate(event, s, failed)
         if self.tracing and s.traces_unavailable is None:  # the run's span: outputs, link
-            failed.extend(await self._send_root(event, s))
-        if event.status == "FINISHED":
+            root_failed = await self._send_root(event, s)
+            failed += root_failed
+            if not root_failed and s.traces_unavailable is None and not event.own:
+                trace = spans_.mlflow_trace_id(self.start.key)
+                failed += await run_extras.send_assessments(self, trace, s, event.extra or {})
+        if event.status != "KILLED" and (event.extra or {}).get("summary", True):
             rows = payload.admitted_summary_rows(event)
             for part, error in await s.bisect(
                 rows, lambda part: connection.log_metrics(mlflow_id, part)
             ):
-                await s.outcomes.undeliverable(0, self, "log_batch", error, metric_dicts(part))
+                await s.outcomes.undeliverable(
+                    0, self, "log_batch", error, payload.metric_dicts(part)
+                )
                 failed.append(error)
-            if upload:
-                failed.extend(await self._upload(event, s))
+        if not event.own:
+            failed += await run_extras.send_end(self, event, s, upload)
+            if upload and event.run_path is not None:
+                failed.extend(await self.upload(event.run_path, s))
             elif event.run_path is not None:
                 s.outcomes.skip(
                     "run_path not uploaded: the close deadline ran out",
@@ -432,10 +443,8 @@ class Lane:
             return [exc]
         return []
 
-    async def _upload(self, event: RunEnd, s: Sending) -> list[Exception]:
-        path = event.run_path
-        if path is None:
-            return []
+    async def upload(self, path: str, s: Sending) -> list[Exception]:
+        """A file (or a directory) as the run's artifact."""
         assert self.mlflow_id is not None
         if not os.path.exists(path):
             s.outcomes.skip(
@@ -472,7 +481,3 @@ class Lane:
             log.exception(
                 "internal error ending a run at close", run_id=self.run_id, error=repr(exc)
             )
-
-
-def metric_dicts(rows: Sequence[payload.MetricRow]) -> list[dict[str, Any]]:
-    return [{"key": k, "value": v, "timestamp": ts, "step": s} for k, v, ts, s in rows]

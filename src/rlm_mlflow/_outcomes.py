@@ -18,8 +18,8 @@ from tenacity import RetryCallState
 from ._deadletter import DeadLetters
 from ._event import Event, RunEnd, RunStart, Step
 from ._exporter import ExperimentDeleted, Misconfigured, is_kept
+from ._limits import show
 from ._log import log
-from ._payload import show
 from ._redact import redact_text
 
 

@@ -12,54 +12,32 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import posixpath
-import re
-import reprlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from . import _extras as extras
 from . import _spans as spans
 from ._event import RunEnd, RunEvent, RunStart, Step
+from ._limits import (
+    MAX_KEY_CHARS,
+    MAX_PARAM_VALUE_CHARS,
+    MAX_PARAMS_PER_BATCH,
+    MAX_RUN_NAME_CHARS,
+    MAX_STEP,
+    MAX_TAG_VALUE_CHARS,
+    encodable,
+    key_problem,
+    show,
+)
 
 MetricRow = tuple[str, float, int, int]
 
 COMPONENT = "rlm-code-rlm"
 STEP_METRICS = ("step_reward", "cumulative_reward")
-#: MLflow's log_batch takes at most 100 params and tags per call.
-MAX_PARAMS_PER_BATCH = 100
-#: MLflow's limits on what it stores (mlflow/utils/validation.py).
-MAX_PARAM_VALUE_CHARS = 6000
-MAX_TAG_VALUE_CHARS = 8000
-MAX_KEY_CHARS = 250
-MAX_RUN_NAME_CHARS = 250
-MAX_STEP = 2**63 - 1
-_VALID_KEY = re.compile(r"[/\w.\- :]+")
 
 
 class BadInput(ValueError):
     """An event the worker cannot log; the message says why, for the log and status()."""
-
-
-_shorten = reprlib.Repr()
-_shorten.maxstring = _shorten.maxother = 80
-
-
-def show(value: Any) -> str:
-    """A short repr for messages, of any value (a repr that raises, or a huge one, too)."""
-    try:
-        return _shorten.repr(value)
-    except Exception:
-        return f"<{type(value).__name__}>"
-
-
-def encodable(text: str) -> bool:
-    """Whether ``text`` can be stored: a lone surrogate (e.g. from bytes decoded with
-    ``surrogateescape``) cannot be encoded as UTF-8, and MLflow's stores fail on it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def admit(event: RunEvent, text_limit: int = 4096) -> tuple[RunEvent, list[str]]:
@@ -81,6 +59,7 @@ def admit(event: RunEvent, text_limit: int = 4096) -> tuple[RunEvent, list[str]]
         return Step(run_id, step, reward, cumulative, float(event.time), extra), []
     if isinstance(event, RunStart):
         params, skipped = clean_params(event)
+        problems = [f"param {key!r}: {why}" for key, why in skipped.items()]
         return RunStart(
             run_id,
             float(event.time),
@@ -88,8 +67,12 @@ def admit(event: RunEvent, text_limit: int = 4096) -> tuple[RunEvent, list[str]]
             event.task_chars if type(event.task_chars) is int else -1,
             params,
             str(event.key),
-            _extra(spans.start_extra, event.extra, text_limit),
-        ), [f"param {key!r}: {why}" for key, why in skipped.items()]
+            _extra(extras.start_extra, event.extra, text_limit, problems),
+        ), problems
+    if event.status not in extras.STATUSES:
+        raise BadInput(
+            f"a run's end status is one of {sorted(extras.STATUSES)}: {show(event.status)}"
+        )
     rows, problems = summary_rows(event)
     summary = {key: value for key, value, _, _ in rows}
     run_path: str | None = None
@@ -109,15 +92,16 @@ def admit(event: RunEvent, text_limit: int = 4096) -> tuple[RunEvent, list[str]]
         summary.get("total_reward"),
         run_path,
         event.status,
-        _extra(spans.end_extra, event.extra, text_limit),
+        _extra(extras.end_extra, event.extra, text_limit, problems),
     ), problems
 
 
-def _extra(plain: Any, extra: Any, limit: int) -> Any:
-    """The trajectory's part of an event made plain; nothing (never an error) if it cannot
-    be: a step with an odd ``action`` is still a point of the curve."""
+def _extra(plain: Any, extra: Any, limit: int, *problems: list[str]) -> Any:
+    """The trajectory's (and the run's `_extras`) part of an event made plain; nothing
+    (never an error) if it cannot be: a step with an odd ``action`` is still a point of the
+    curve."""
     try:
-        return plain(extra, limit)
+        return plain(extra, limit, *problems)
     except Exception:
         return None
 
@@ -259,20 +243,6 @@ def admitted_summary_rows(event: RunEnd) -> list[MetricRow]:
 TOKEN_SUMMARY = ("total_prompt_tokens", "total_completion_tokens", "llm_calls")
 
 
-def key_problem(key: Any) -> str | None:
-    """Why MLflow would refuse ``key`` as a param or tag name, or None."""
-    if not isinstance(key, str) or not key:
-        return f"key is not a non-empty string: {show(key)}"
-    if len(key) > MAX_KEY_CHARS:
-        return f"key longer than {MAX_KEY_CHARS} characters"
-    if not _VALID_KEY.fullmatch(key) or not key.isascii():
-        return f"key {show(key)} has characters MLflow refuses (allowed: letters, digits, _-./: )"
-    normalized = posixpath.normpath(key)
-    if normalized != key or normalized == "." or key.startswith(("..", "/")):
-        return f"key {show(key)} is not a plain path"
-    return None
-
-
 def run_params(event: RunStart) -> tuple[dict[str, str], dict[str, str]]:
     """rlm-code's params: every scalar param, then ``environment`` and ``task_chars``.
 
@@ -361,3 +331,8 @@ def param_batches(params: dict[str, str]) -> Iterator[list[tuple[str, str]]]:
     items = list(params.items())
     for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
         yield items[start : start + MAX_PARAMS_PER_BATCH]
+
+
+def metric_dicts(rows: Sequence[MetricRow]) -> list[dict[str, Any]]:
+    """Metric rows as the dead-letter file shows them."""
+    return [{"key": k, "value": v, "timestamp": ts, "step": s} for k, v, ts, s in rows]

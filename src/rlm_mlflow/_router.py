@@ -43,9 +43,7 @@ from ._settings import Settings
 def countable(events: Sequence[Event]) -> int:
     """Caller's events among ``events``: not markers, not the sink's own KILLED ends."""
     return sum(
-        1
-        for e in events
-        if not isinstance(e, Marker) and not (isinstance(e, RunEnd) and e.status == "KILLED")
+        1 for e in events if not isinstance(e, Marker) and not (isinstance(e, RunEnd) and e.own)
     )
 
 
@@ -298,6 +296,8 @@ class Router:
                 self._outcomes.reject(event, "on_run_start for a run that is already open")
                 return
             parent_id = event.params.get("parent_run_id")
+            if parent_id is None and event.extra is not None:  # a case under its benchmark
+                parent_id = event.extra.get("parent")
             parent = self.open.get(str(parent_id)) if parent_id is not None else None
             lane = self.open[event.run_id] = Lane(event, parent)
             if parent is not None:  # the parent's next step delegated it
@@ -331,7 +331,7 @@ class Router:
             for run_id, lane in list(self.open.items()):
                 log.warning("run was never ended; ending it as KILLED", run_id=run_id)
                 del self.open[run_id]
-                end = RunEnd(run_id, now, None, None, None, None, "KILLED")
+                end = RunEnd(run_id, now, None, None, None, None, "KILLED", None, True)
                 self.enqueue(lane, end, STEP_INFLIGHT_BYTES)
         self.markers.add(marker, self.busy)
 

@@ -26,8 +26,8 @@ from ._deadletter import DeadLetters
 from ._event import RunEnd, RunStart, Step
 from ._exporter import Exporter
 from ._forwarder import Forwarder, close_all
+from ._limits import show
 from ._log import log
-from ._payload import show
 from ._redact import redact_text, redact_uri
 from ._replay import SyncSummary, replay_own
 from ._settings import DEFAULT_EXPERIMENT, Settings, parse_bool
@@ -205,6 +205,82 @@ class MLflowSink:
                     extra,
                 )
             )
+        except Exception as exc:
+            self._hook_failed("on_run_end", run_id, exc)
+
+    # -- runs that carry more than rlm-code's sink logs (benchmarks, imports) -----------------
+
+    def _start(
+        self,
+        run_id: str,
+        *,
+        task: Any,
+        environment: str,
+        params: dict[str, Any],
+        tags: dict[str, str] | None = None,
+        parent: str | None = None,
+        name: str | None = None,
+        at: float | None = None,
+    ) -> None:
+        """`on_run_start` with what `_extras` describes: extra tags, a parent run (by its
+        run id), a name, and a start time other than now (an imported run's)."""
+        buffer = self._buffer
+        if buffer is None:
+            return
+        extra: dict[str, Any] = {"tags": dict(tags or {})}
+        if self.settings.traces:
+            extra["task"] = task
+        if parent is not None:
+            extra["parent"] = parent
+        if name is not None:
+            extra["name"] = name
+        try:
+            start = RunStart(
+                run_id,
+                time() if at is None else at,
+                environment,
+                _chars(task),
+                _copy(params),
+                uuid4().hex,
+                extra,
+            )
+            buffer.put_boundary(start)
+        except Exception as exc:
+            self._hook_failed("on_run_start", run_id, exc)
+
+    def _end(
+        self,
+        run_id: str,
+        *,
+        result: Any,
+        run_path: Path | str | None = None,
+        status: str = "FINISHED",
+        at: float | None = None,
+        **extras: Any,
+    ) -> None:
+        """`on_run_end` with a status (FAILED, KILLED) and what `_extras` describes
+        (``metrics``, ``tags``, ``artifacts``, ``table``, ``model``, ``assessments``); a
+        ``result`` of None: a run with no RLM summary of its own (a benchmark)."""
+        buffer = self._buffer
+        if buffer is None:
+            return
+        try:
+            extra = {"usage_summary": _field(result, "usage_summary", None), **extras}
+            if self.settings.traces:
+                extra["final_response"] = _field(result, "final_response", None)
+            if result is None:
+                extra["summary"] = False
+            end = RunEnd(
+                run_id,
+                time() if at is None else at,
+                _field(result, "completed", False),
+                _field(result, "steps", 0),
+                _field(result, "total_reward", 0.0),
+                run_path,
+                status,
+                extra,
+            )
+            buffer.put_boundary(end)
         except Exception as exc:
             self._hook_failed("on_run_end", run_id, exc)
 

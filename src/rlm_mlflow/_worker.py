@@ -431,8 +431,10 @@ class Worker:
                 unsent = lane.sending + lane.pending
                 lane.sending, lane.pending, lane.boundaries = [], [], 0
                 end = next((e for e in unsent if isinstance(e, RunEnd)), None)
-                if end is None or end.status == "KILLED":
-                    end = RunEnd(lane.run_id, time.time(), None, None, None, None, "KILLED")
+                if end is None or end.own:
+                    end = RunEnd(
+                        lane.run_id, time.time(), None, None, None, None, "KILLED", None, True
+                    )
                 create = lane.mlflow_id is None and lane.start_error is None
                 tg.start_soon(lane.close_at_deadline, end, create, self._sending)
 

@@ -27,6 +27,8 @@ from rlm_code.sandbox.runtimes.base import RuntimeExecutionRequest
 from rlm_code.sandbox.runtimes.local_runtime import LocalSandboxRuntime
 
 __all__ = [
+    "BENCH_ANSWER",
+    "BENCH_CASES",
     "CHILD_KEYS",
     "CHILD_STEPS",
     "CHILD_TASKS",
@@ -44,6 +46,9 @@ __all__ = [
     "ScriptedCall",
     "ScriptedConnector",
     "run_scripted",
+    "scripted_runner",
+    "shutdown_interpreters",
+    "write_pack",
 ]
 
 PROMPT_TOKENS_PER_CALL = 120
@@ -84,6 +89,14 @@ _CHILD_SCRIPTS: dict[str, tuple[dict[str, Any], ...]] = {
         _final("child-b: SCRIPTED has 8 letters."),
     ),
 }
+# Benchmark cases (`write_pack`): one that answers what is expected, one that answers
+# something else, and one whose model call raises (its run starts and never ends).
+BENCH_ANSWER = "The answer is 42."
+_BENCH_SCRIPTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "answer": (_run_python("print(6 * 7)", "Compute."), _final(BENCH_ANSWER)),
+    "wrong": (_run_python("print(6 * 6)", "Compute."), _final("The answer is 36.")),
+}
+RAISING_KEY = "raise"
 _SCRIPTS: dict[str, tuple[dict[str, Any], ...]] = {
     "root": (
         {
@@ -104,6 +117,7 @@ _SCRIPTS: dict[str, tuple[dict[str, Any], ...]] = {
         _final("Root done: children finished, 1 + 1 = 2, sum(range(10)) = 45."),
     ),
     **_CHILD_SCRIPTS,
+    **_BENCH_SCRIPTS,
 }
 
 ROOT_STEPS = len(_SCRIPTS["root"])
@@ -192,6 +206,8 @@ class ScriptedConnector:
         """Return the scripted planner JSON for the task and step named in ``prompt``."""
         started = time.monotonic()
         key, step = self._parse_prompt(prompt)
+        if key == RAISING_KEY:
+            raise RuntimeError("scripted model failure")
         if key in CHILD_KEYS and step == 1:
             self._rendezvous(key)
         answer = self._answer(key, step)
@@ -423,3 +439,82 @@ def _shutdown_interpreters(runner: RLMRunner) -> None:
         shutdown = getattr(getattr(env, "_interpreter", None), "shutdown", None)
         if callable(shutdown):
             shutdown()
+
+
+#: A benchmark pack (rlm-code's ``presets`` format): a case that delegates to two children
+#: (the recursive one), one that matches its expected answer, one that does not, and one
+#: whose model call raises.
+BENCH_CASES: tuple[dict[str, Any], ...] = (
+    {
+        "id": "recursive",
+        "description": "Delegates two subtasks.",
+        "task": ROOT_TASK,
+        "environment": "generic",
+        "max_steps": ROOT_STEPS,
+        "task_family": "arithmetic",
+        "domain": "math",
+        "split": "dev",
+        "length_bucket": "short",
+    },
+    {
+        "id": "matches",
+        "description": "Answers 42.",
+        "task": "[scripted:answer] What is six times seven?",
+        "environment": "generic",
+        "max_steps": 3,
+        "expected_answer": "42",
+        "task_family": "arithmetic",
+        "split": "dev",
+    },
+    {
+        "id": "misses",
+        "description": "Answers 36.",
+        "task": "[scripted:wrong] What is six times seven, again?",
+        "environment": "generic",
+        "max_steps": 3,
+        "expected_answer": "42",
+        "domain": "math",
+    },
+    {
+        "id": "model-fails",
+        "description": "Its model call raises.",
+        "task": "[scripted:raise] What is the meaning of life?",
+        "environment": "generic",
+        "max_steps": 3,
+        "expected_answer": "42",
+    },
+)
+
+
+def write_pack(path: Path, preset: str = "scripted_pack", cases: Any = BENCH_CASES) -> Path:
+    """A pack file rlm-code's ``run_benchmark(pack_paths=[path])`` loads as ``preset``."""
+    path.write_text(
+        json.dumps({"presets": {preset: {"description": "Scripted cases.", "cases": list(cases)}}})
+    )
+    return path
+
+
+def scripted_runner(
+    workdir: Path,
+    *,
+    connector: ScriptedConnector | None = None,
+    observability: RLMObservability | None = None,
+) -> RLMRunner:
+    """A real ``RLMRunner`` on the scripted connector and local engine (call
+    `shutdown_interpreters` when done)."""
+    kwargs: dict[str, Any] = {}
+    if observability is not None:
+        kwargs["observability"] = observability
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "PureRLMEnvironment is using exec", UserWarning)
+        return RLMRunner(
+            llm_connector=connector if connector is not None else ScriptedConnector(),
+            execution_engine=LocalExecutionEngine(),
+            workdir=workdir,
+            run_dir=workdir / ".rlm_code" / "rlm" / "runs",
+            max_parallelism=len(CHILD_KEYS) + 2,
+            **kwargs,
+        )
+
+
+shutdown_interpreters = _shutdown_interpreters

@@ -1,0 +1,295 @@
+"""rlm-code's benchmarks under autolog: each ``run_benchmark`` one parent MLflow run, each of its
+cases a run nested under it, in rlm-code's native, harness and direct-LLM modes alike.
+
+`patch` wraps ``BenchmarkManagerMixin.run_benchmark`` and its three per-case runners when
+rlm-code's benchmark module is imported, and pins the benchmark id rlm-code draws (one
+``datetime.now()`` in that module) so that the parent run carries it from its start. While a
+benchmark runs, its runner holds a `Benchmark` (``runner._rlm_mlflow_benchmark``); the
+runner's `AutologSink` reads it in its hooks: a case's run gets the case's tags and the
+parent, and its end waits for the case to finish (to carry ``answer_match`` and the
+duration). A case whose mode never calls the sinks, or that fails before its run starts,
+gets a run of ours. What the parent and the cases carry comes from rlm-code's own records
+(`_bench_summary`); it goes through the shared sink like every run: asynchronous, batched,
+retried, spooled, counted. rlm-code's return values, files and timings are unchanged, and a
+failure of ours is logged, never raised into the benchmark.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from . import _bench_summary as summary
+from ._log import log
+
+if TYPE_CHECKING:
+    from ._sink import MLflowSink
+
+#: The runner's attribute that holds the benchmark it runs.
+BENCH_ATTR = "_rlm_mlflow_benchmark"
+CASE_RUNNERS = {
+    "_run_benchmark_case_native": "native",
+    "_run_benchmark_case_harness": "harness",
+    "_run_benchmark_case_direct_llm": "direct-llm",
+}
+_PIN: contextvars.ContextVar[datetime | None] = contextvars.ContextVar("bench_now", default=None)
+
+
+class PinnedDatetime(datetime):
+    """rlm-code's benchmark module's ``datetime``: ``now()`` is the instant our parent run
+    was named after, inside a benchmark we wrap; the real one everywhere else."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+        pinned = _PIN.get()
+        return pinned if pinned is not None and tz is not None else datetime.now(tz)
+
+
+@dataclass
+class Case:
+    case: Any
+    mode: str
+    started: float
+    tags: dict[str, str]
+    run_id: str | None = None  # the case's RLM run: its first run without a parent
+    held_end: tuple[Any, Any] | None = None  # (result, run_path) of that run's on_run_end
+
+
+@dataclass
+class Benchmark:
+    id: str
+    sink: MLflowSink
+    config: dict[str, Any]
+    case: Case | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def start(self, call: dict[str, Any]) -> None:
+        self.tags = summary.parent_tags(
+            self.id, call.get("preset"), call.get("mode"), self.config.get("model")
+        )
+        self.sink._start(
+            self.id,
+            task=f"benchmark {call.get('preset')}",
+            environment=str(call.get("environment") or "benchmark"),
+            params=summary.parent_params(call),
+            tags=self.tags,
+            name=self.id,
+        )
+
+    def end(self, result: Any, error: BaseException | None) -> None:
+        payload: dict[str, Any] = {}
+        path = getattr(result, "summary_path", None)
+        if path is not None:
+            try:
+                payload = json.loads(Path(path).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                log.warning("benchmark summary unreadable", path=str(path), error=str(exc))
+        status = (
+            "FAILED" if error is not None else "KILLED" if payload.get("cancelled") else "FINISHED"
+        )
+        self.sink._end(
+            self.id,
+            result=None,
+            status=status,
+            metrics=summary.parent_metrics(payload) if payload else {},
+            tags={"rlm.error": str(error)} if error is not None else {},
+            artifacts=[str(path)] if path is not None else [],
+            table=summary.case_table(payload) if payload else None,
+            model=summary.model_extra(self.id, self.config),
+        )
+
+    def end_case(
+        self, case: Case, payload: dict[str, Any] | None, error: BaseException | None
+    ) -> None:
+        duration = time.time() - case.started
+        row = dict(payload or {})
+        row.setdefault("duration_seconds", round(duration, 4))
+        expected = summary.field(case.case, "expected_answer")
+        run_path = None
+        if case.run_id is None:  # no run of rlm-code's: one of ours for the case
+            run_id = f"{self.id}/{summary.field(case.case, 'case_id')}"
+            self.sink._start(
+                run_id,
+                task=str(summary.field(case.case, "task") or ""),
+                environment=str(row.get("environment") or case.mode),
+                params={"mode": case.mode},
+                tags=case.tags,
+                parent=self.id,
+                at=case.started,
+            )
+            result: Any = {
+                "completed": bool(row.get("completed")),
+                "steps": row.get("steps", 0),
+                "total_reward": row.get("total_reward", 0.0),
+                "usage_summary": row.get("usage"),
+                "final_response": row.get("final_response"),
+            }
+        else:
+            run_id = case.run_id
+            result, run_path = case.held_end or (None, None)
+        ended = error is None and (case.run_id is None or case.held_end is not None)
+        self.sink._end(
+            run_id,
+            result=result,
+            run_path=run_path,
+            status="FINISHED" if ended else "FAILED",
+            metrics=summary.case_metrics(row),
+            tags={"rlm.error": str(error)} if error is not None else {},
+            assessments=summary.case_assessments(row, expected) if payload else [],
+        )
+
+
+def patch(module: ModuleType) -> None:
+    """Wrap rlm-code's benchmark manager (``rlm_code.rlm.benchmark_manager``); idempotent."""
+    mixin = module.BenchmarkManagerMixin
+    if getattr(mixin.run_benchmark, "__rlm_mlflow__", False):
+        return
+    module.datetime = PinnedDatetime
+    mixin.run_benchmark = _wrap_benchmark(mixin.run_benchmark)
+    for name, mode in CASE_RUNNERS.items():
+        if hasattr(mixin, name):
+            setattr(mixin, name, _wrap_case(getattr(mixin, name), mode))
+
+
+def patch_runner(module: ModuleType) -> None:
+    """Wrap ``RLMRunner.__init__`` (``rlm_code.rlm.runner``): its sinks of ours learn their
+    runner (its connector's model, the benchmark it runs); idempotent."""
+    runner = module.RLMRunner
+    if getattr(runner.__init__, "__rlm_mlflow__", False):
+        return
+    original = runner.__init__
+
+    @functools.wraps(original)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        from ._autolog_sink import AutologSink
+
+        for sink in getattr(getattr(self, "observability", None), "sinks", None) or ():
+            if isinstance(sink, AutologSink):
+                sink.bind(self)
+
+    __init__.__rlm_mlflow__ = True  # type: ignore[attr-defined]
+    runner.__init__ = __init__
+
+
+def unpatch_runner(module: ModuleType) -> None:
+    init = module.RLMRunner.__init__
+    if getattr(init, "__rlm_mlflow__", False):
+        module.RLMRunner.__init__ = init.__wrapped__
+
+
+def unpatch(module: ModuleType) -> None:
+    mixin = module.BenchmarkManagerMixin
+    for name in ("run_benchmark", *CASE_RUNNERS):
+        wrapped = getattr(mixin, name, None)
+        if getattr(wrapped, "__rlm_mlflow__", False):
+            setattr(mixin, name, wrapped.__wrapped__)  # type: ignore[union-attr]
+    if module.datetime is PinnedDatetime:
+        module.datetime = datetime
+
+
+def _wrap_benchmark(original: Callable[..., Any]) -> Callable[..., Any]:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def run_benchmark(self: Any, *args: Any, **kwargs: Any) -> Any:
+        sink = _our_sink(self)
+        if sink is None or getattr(self, BENCH_ATTR, None) is not None:
+            return original(self, *args, **kwargs)
+        now = datetime.now(timezone.utc)
+        bench = None
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            call = {k: v for k, v in bound.arguments.items() if k != "self"}
+            bench = Benchmark(now.strftime("bench_%Y%m%d_%H%M%S_%f"), sink, _config(self, call))
+            bench.start(call)
+        except Exception as exc:  # ours: the benchmark runs as without us
+            log.exception("benchmark not instrumented", error=repr(exc)[:300])
+            bench = None
+        if bench is None:
+            return original(self, *args, **kwargs)
+        token = _PIN.set(now)
+        setattr(self, BENCH_ATTR, bench)
+        try:
+            result = original(self, *args, **kwargs)
+        except BaseException as exc:
+            _safely(bench.end, None, exc)
+            raise
+        finally:
+            _PIN.reset(token)
+            setattr(self, BENCH_ATTR, None)
+        _safely(bench.end, result, None)
+        return result
+
+    run_benchmark.__rlm_mlflow__ = True  # type: ignore[attr-defined]
+    return run_benchmark
+
+
+def _wrap_case(original: Callable[..., Any], mode: str) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def run_case(self: Any, *args: Any, **kwargs: Any) -> Any:
+        bench: Benchmark | None = getattr(self, BENCH_ATTR, None)
+        case = kwargs.get("case", args[0] if args else None)
+        if bench is None or case is None:
+            return original(self, *args, **kwargs)
+        current = Case(case, mode, time.time(), summary.case_tags(bench.id, case))
+        bench.case = current
+        try:
+            payload = original(self, *args, **kwargs)
+        except BaseException as exc:
+            bench.case = None
+            _safely(bench.end_case, current, None, exc)
+            raise
+        bench.case = None
+        _safely(bench.end_case, current, payload, None)
+        return payload
+
+    run_case.__rlm_mlflow__ = True  # type: ignore[attr-defined]
+    return run_case
+
+
+def _our_sink(runner: Any) -> MLflowSink | None:
+    """The runner's sink of ours (an `AutologSink` among its observability's sinks), if on."""
+    from ._autolog_sink import AutologSink
+
+    for sink in getattr(getattr(runner, "observability", None), "sinks", None) or ():
+        if isinstance(sink, AutologSink) and sink.shared.enabled and not sink.shared.closed:
+            return sink.shared
+    return None
+
+
+def _config(runner: Any, call: dict[str, Any]) -> dict[str, Any]:
+    """The agent's configuration: the connector's model, and the call's settings."""
+    connector = getattr(runner, "llm_connector", None)
+    return {
+        "model": getattr(connector, "current_model", None),
+        "provider": getattr(connector, "model_type", None),
+        "environment": call.get("environment"),
+        "framework": call.get("framework"),
+        "branch_width": call.get("branch_width"),
+        "sub_model": call.get("sub_model"),
+        "preset": call.get("preset"),
+        "mode": call.get("mode"),
+    }
+
+
+def current(runner: Any) -> Benchmark | None:
+    """The benchmark ``runner`` runs now, if one (read by its `AutologSink`)."""
+    return getattr(runner, BENCH_ATTR, None) if runner is not None else None
+
+
+def _safely(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # ours must never cost the benchmark
+        log.exception("benchmark instrumentation failed", error=repr(exc)[:300])

@@ -1,0 +1,136 @@
+"""The MLflow calls for what a run carries beyond rlm-code's sink (`_extras`): its extra tags
+and name at creation, and at its end its logged model, extra metrics (linked to the model),
+tags, files, table artifact, and the assessments of its trace.
+
+Each part that MLflow refuses is handled like any other call of the run: retried when
+transient, kept when the store refuses us, dead-lettered when it refuses a value; a store
+without the feature (`FeatureUnsupported`: no logged models, no assessments) costs that
+part only, said once. What did not land is returned, for the run's end to count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from . import _payload as payload
+from ._event import RunEnd
+from ._exporter import FeatureUnsupported
+from ._log import log
+from ._tables import logged_artifacts_tag, table_artifact
+
+if TYPE_CHECKING:
+    from ._lane import Lane, Sending
+
+#: Tag on a logged model: finds it again (a replay, a second import) instead of a copy.
+MODEL_KEY_TAG = "rlm_mlflow.model_key"
+
+
+def start_tags(lane: Lane, tags: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The run's name and tags at creation, with the start's extra tags and name."""
+    extra = lane.start.extra or {}
+    name = extra.get("name") or payload.run_name(lane.run_id)
+    merged = {**extra.get("tags", {}), **tags}
+    merged["mlflow.runName"] = name
+    return name, merged
+
+
+async def send_end(lane: Lane, event: RunEnd, s: Sending, upload: bool) -> list[Exception]:
+    """The end's extras, in the order the UI needs them: the model before the metrics that
+    link to it; files and the table only with ``upload`` (not in a close's last attempt)."""
+    extra = event.extra or {}
+    assert lane.mlflow_id is not None
+    run, connection, failed = lane.mlflow_id, s.ready(), []
+    ts = payload.timestamp_ms(event.time)
+    model_id = None
+    if extra.get("model"):
+        model_id, errors = await _model(lane, extra["model"], s)
+        failed += errors
+    rows = [(key, value, ts, 0) for key, value in extra.get("metrics", {}).items()]
+    if rows:
+        if model_id is not None:
+            send = lambda part: connection.log_model_metrics(run, model_id, part)  # noqa: E731
+        else:
+            send = lambda part: connection.log_metrics(run, part)  # noqa: E731
+        for part, error in await s.bisect(rows, send):
+            await s.outcomes.undeliverable(0, lane, "log_batch", error, payload.metric_dicts(part))
+            failed.append(error)
+    tags = list(extra.get("tags", {}).items())
+    for start in range(0, len(tags), payload.MAX_PARAMS_PER_BATCH):
+        part = tags[start : start + payload.MAX_PARAMS_PER_BATCH]
+        failed += await _call(lane, s, "log_tags", connection.log_tags(run, part), part)
+    if not upload:
+        return failed
+    for path in extra.get("artifacts", []):
+        failed += await lane.upload(path, s)
+    table = extra.get("table")
+    if table:
+        text = table_artifact(table["columns"], table["rows"])
+        failed += await _call(
+            lane, s, "log_table", connection.log_text(run, text, table["file"]), [table["file"]]
+        )
+        tag = [("mlflow.loggedArtifacts", logged_artifacts_tag(None, table["file"]))]
+        failed += await _call(lane, s, "log_tags", connection.log_tags(run, tag), tag)
+    return failed
+
+
+async def send_assessments(
+    lane: Lane, trace_id: str, s: Sending, extra: dict[str, Any]
+) -> list[Exception]:
+    """The trace's assessments (once its spans have landed)."""
+    assessments = [
+        {
+            **a,
+            "source_type": "CODE",
+            "source_id": "rlm-mlflow",
+            "run_id": lane.mlflow_id,
+        }
+        for a in extra.get("assessments", [])
+    ]
+    if not assessments:
+        return []
+    call = s.ready().log_assessments(trace_id, assessments)
+    return await _call(lane, s, "log_assessments", call, [a["name"] for a in assessments])
+
+
+async def _model(
+    lane: Lane, model: dict[str, Any], s: Sending
+) -> tuple[str | None, list[Exception]]:
+    """The logged model of the run's configuration: found by its key, else created."""
+    connection = s.ready()
+    assert lane.mlflow_id is not None
+    try:
+        model_id = await connection.find_logged_model(model["key"])
+        if model_id is None:
+            tags = [*model.get("tags", {}).items(), (MODEL_KEY_TAG, model["key"])]
+            model_id = await connection.create_logged_model(
+                model["name"], lane.mlflow_id, list(model.get("params", {}).items()), tags
+            )
+    except FeatureUnsupported as exc:
+        _unsupported(lane, s, exc)
+        return None, []
+    except Exception as exc:
+        await s.outcomes.undeliverable(0, lane, "create_logged_model", exc, [model["name"]])
+        return None, [exc]
+    return model_id, []
+
+
+async def _call(
+    lane: Lane, s: Sending, what: str, call: Any, entities: Sequence[Any]
+) -> list[Exception]:
+    try:
+        await call
+    except FeatureUnsupported as exc:
+        _unsupported(lane, s, exc)
+        return []
+    except Exception as exc:
+        await s.outcomes.undeliverable(0, lane, what, exc, list(entities))
+        return [exc]
+    return []
+
+
+def _unsupported(lane: Lane, s: Sending, exc: FeatureUnsupported) -> None:
+    s.outcomes.stats.skipped += 1
+    if str(exc) not in s.unsupported:  # said once per feature
+        s.unsupported.add(str(exc))
+        log.warning("the tracking store lacks a feature; that part is not logged", reason=str(exc))
