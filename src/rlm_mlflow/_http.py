@@ -29,10 +29,13 @@ from ._redact import redact_text
 METHOD_CHANGING = frozenset({301, 302, 303})
 
 
-def answer(response: Any, uri: str, *, traces: bool = False) -> dict[str, Any]:
+def answer(
+    response: Any, uri: str, *, traces: bool = False, upload: bool = False
+) -> dict[str, Any]:
     """MLflow's answer as a dict, or the failure it is, raised. ``uri``: the tracking URI
     (for messages); ``traces``: the request went to ``/v1/traces``, where a 404, 405 or 501
-    means the store takes no traces (`TracesUnsupported`)."""
+    means the store takes no traces (`TracesUnsupported`); ``upload``: a file PUT to the
+    artifact proxy, which MLflow 3.17's artifact router answers 200 with no body at all."""
     where = redact_text(uri)
     moved = next((r for r in response.history if r.status_code in METHOD_CHANGING), None)
     if moved is not None:
@@ -44,6 +47,8 @@ def answer(response: Any, uri: str, *, traces: bool = False) -> dict[str, Any]:
         if body is not None:
             return body
         if traces and media == "application/x-protobuf":
+            return {}
+        if upload and not response.content and media != "text/html":
             return {}
         raise Misconfigured(
             f"the answer from {where} is not MLflow's ({media or 'no content type'} {status}): "

@@ -34,6 +34,7 @@ from ._spans import otlp_request
 
 _JSON = {"Content-Type": "application/json"}
 TRACES = "/v1/traces"  # MLflow's OTLP endpoint
+ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts/"  # the server's artifact proxy
 #: Seconds the headers, auth and TLS settings of the fast path are reused before worked out anew.
 REFRESH_S = 30.0
 
@@ -112,7 +113,8 @@ class RestExporter:
             )
         except Exception as exc:  # MLflow wraps the HTTP client's errors in MlflowException
             raise request_failure(exc, self.tracking_uri, f"{method} {endpoint}") from exc
-        return answer(response, self.tracking_uri, traces=endpoint == TRACES)
+        upload = method == "PUT" and endpoint.startswith(ARTIFACTS)
+        return answer(response, self.tracking_uri, traces=endpoint == TRACES, upload=upload)
 
     def experiment(self, name: str, restore: bool) -> str:
         """Get or create (see `MlflowClientExporter.experiment`)."""
@@ -306,9 +308,7 @@ class RestExporter:
         for local, relative in files:
             try:
                 with open(local, "rb") as handle:
-                    endpoint = "/api/2.0/mlflow-artifacts/artifacts/" + posixpath.normpath(
-                        posixpath.join(root, relative)
-                    )
+                    endpoint = ARTIFACTS + posixpath.normpath(posixpath.join(root, relative))
                     self._request("PUT", endpoint, data=handle)
             except OSError as exc:
                 if exc.filename is None:
