@@ -22,7 +22,8 @@ from __future__ import annotations
 # the worker is still importing mlflow then (a short script that never called close()).
 import concurrent.futures.thread  # noqa: F401
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -81,6 +82,22 @@ class TracesUnsupported(Exception):
     """The tracking store takes no traces (a file store, a server without the endpoint)."""
 
 
+#: The features a store may lack (`FeatureUnsupported.feature`).
+LOGGED_MODELS = "logged models"
+ASSESSMENTS = "assessments"
+
+
+class FeatureUnsupported(Exception):
+    """The store lacks an MLflow feature we call (``feature``: `LOGGED_MODELS`,
+    `ASSESSMENTS`): a server without the endpoint (404, 405 or 501 on it), a store that
+    raises NotImplementedError. Nothing is wrong with what was sent, and trying again will
+    not help: the caller goes on without the feature (one warning)."""
+
+    def __init__(self, feature: str, detail: str) -> None:
+        super().__init__(f"the tracking store does not support {feature}: {detail}")
+        self.feature = feature
+
+
 class ExperimentDeleted(Exception):
     """The experiment exists in MLflow, deleted: nothing can be logged to it."""
 
@@ -118,7 +135,7 @@ def is_entity_error(exc: BaseException) -> bool:
     that is the same for every value: transient, a configuration error, no traces, a deleted
     experiment. A local store's own exception (its database or encoder refusing a value)
     counts as a refused value."""
-    if isinstance(exc, (Misconfigured, TracesUnsupported, ExperimentDeleted)):
+    if isinstance(exc, (Misconfigured, TracesUnsupported, FeatureUnsupported, ExperimentDeleted)):
         return False
     if is_transient(exc):
         return False
@@ -162,6 +179,94 @@ class Exporter(Protocol):
 
     def experiment_state(self) -> str: ...
 
+    def log_tags(self, run_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        """Run tags, at most 100 a call, values within MLflow's limits (the caller's job)."""
+        ...
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        """A file holding ``text`` (UTF-8) at ``artifact_file``, a relative posix path under
+        the run's artifact root; a file already there is replaced."""
+        ...
+
+    def find_logged_model(self, key: str) -> str | None:
+        """The id of the experiment's logged model whose tag `MODEL_KEY_TAG` is ``key`` (the
+        oldest, if a retry made two), if any. FeatureUnsupported(LOGGED_MODELS)."""
+        ...
+
+    def create_logged_model(
+        self,
+        name: str,
+        source_run_id: str,
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> str:
+        """A logged model in the experiment, made by run ``source_run_id``, with these params
+        and tags (`MODEL_KEY_TAG` among them, for `find_logged_model`), finalized READY: its
+        model id. Not idempotent: a retry after a failed finalize leaves a PENDING model
+        behind. FeatureUnsupported(LOGGED_MODELS)."""
+        ...
+
+    def log_model_metrics(self, run_id: str, model_id: str, rows: Sequence[MetricRow]) -> None:
+        """Metrics of the run that are also the logged model's (MLflow 3 metrics carry a
+        ``model_id``): the model's page and the experiment's Models view show them. An exact
+        duplicate is dropped, as for `log_metrics`."""
+        ...
+
+    def log_assessments(self, trace_id: str, assessments: Sequence[dict[str, Any]]) -> None:
+        """Assessments on a stored trace, each `check_assessment`'s shape; one whose name
+        and kind the trace has already is not created again (nor a second in the same
+        call). FeatureUnsupported(ASSESSMENTS)."""
+        ...
+
+
+#: Assessment kinds and sources MLflow takes (``AssessmentSource.SourceType``).
+ASSESSMENT_KINDS = frozenset({"feedback", "expectation"})
+ASSESSMENT_SOURCES = frozenset({"CODE", "HUMAN", "LLM_JUDGE"})
+#: The metadata key in which MLflow keeps an assessment's run (``Assessment.run_id``).
+ASSESSMENT_RUN_KEY = "mlflow.assessment.sourceRunId"
+
+
+def check_assessment(assessment: dict[str, Any]) -> None:
+    """ValueError unless ``assessment`` is ``{"name": str, "kind": "feedback" | "expectation",
+    "value": JSON (bool, int, float, str, list, dict; finite), "source_type": "CODE" | "HUMAN"
+    | "LLM_JUDGE", "source_id": str, "rationale": str | None, "run_id": str | None}``
+    (rationale and run_id optional). A refused value, so the caller dead-letters it alone."""
+    name, kind = assessment.get("name"), assessment.get("kind")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an assessment needs a name, not {name!r}")
+    if kind not in ASSESSMENT_KINDS:
+        raise ValueError(f"assessment {name!r}: kind {kind!r} is not one of {ASSESSMENT_KINDS}")
+    if assessment.get("source_type") not in ASSESSMENT_SOURCES:
+        raise ValueError(f"assessment {name!r}: source_type is not one of {ASSESSMENT_SOURCES}")
+    if not isinstance(assessment.get("source_id"), str):
+        raise ValueError(f"assessment {name!r}: source_id must be a string")
+    for optional in ("rationale", "run_id"):
+        if not isinstance(assessment.get(optional), (str, type(None))):
+            raise ValueError(f"assessment {name!r}: {optional} must be a string or None")
+    value = assessment.get("value")
+    if value is None:
+        raise ValueError(f"assessment {name!r} has no value")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"assessment {name!r}: its value is not JSON ({exc})") from exc
+
+
+def new_assessments(
+    have: Iterable[tuple[str, str]], assessments: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Of ``assessments`` (each checked), those whose (name, kind) is neither in ``have``
+    (what the trace holds) nor earlier in the list."""
+    seen = set(have)
+    fresh = []
+    for assessment in assessments:
+        check_assessment(assessment)
+        identity = (assessment["name"], assessment["kind"])
+        if identity not in seen:
+            seen.add(identity)
+            fresh.append(assessment)
+    return fresh
+
 
 def connect(tracking_uri: str | None, experiment: str, settings: Settings) -> Exporter:
     """Import mlflow, pick the exporter for the store, find or create the experiment.
@@ -197,6 +302,14 @@ def connect(tracking_uri: str | None, experiment: str, settings: Settings) -> Ex
 
 def key_filter(key: str) -> str:
     return f"tags.`{RUN_KEY_TAG}` = '{key}'"
+
+
+#: The logged model's tag naming what it stands for (`Exporter.find_logged_model`).
+MODEL_KEY_TAG = "rlm_mlflow.model_key"
+
+
+def model_key_filter(key: str) -> str:
+    return f"tags.`{MODEL_KEY_TAG}` = '{key}'"
 
 
 @functools.cache
@@ -346,3 +459,29 @@ class Connection:
 
     async def log_spans(self, run_id: str, spans: Sequence[dict[str, Any]], link: bool) -> None:
         await self.call(self.exporter.log_spans, run_id, spans, link)
+
+    async def log_tags(self, run_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        await self.call(self.exporter.log_tags, run_id, tags)
+
+    async def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        await self.call(self.exporter.log_text, run_id, text, artifact_file)
+
+    async def find_logged_model(self, key: str) -> str | None:
+        return await self.call(self.exporter.find_logged_model, key)
+
+    async def create_logged_model(
+        self,
+        name: str,
+        source_run_id: str,
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> str:
+        return await self.call(self.exporter.create_logged_model, name, source_run_id, params, tags)
+
+    async def log_model_metrics(
+        self, run_id: str, model_id: str, rows: Sequence[MetricRow]
+    ) -> None:
+        await self.call(self.exporter.log_model_metrics, run_id, model_id, rows)
+
+    async def log_assessments(self, trace_id: str, assessments: Sequence[dict[str, Any]]) -> None:
+        await self.call(self.exporter.log_assessments, trace_id, assessments)

@@ -18,6 +18,7 @@ from typing import Any
 from ._exporter import (
     MAX_RETRY_AFTER,
     TRANSIENT_HTTP,
+    FeatureUnsupported,
     HttpError,
     Misconfigured,
     TracesUnsupported,
@@ -29,10 +30,20 @@ from ._redact import redact_text
 METHOD_CHANGING = frozenset({301, 302, 303})
 
 
-def answer(response: Any, uri: str, *, traces: bool = False) -> dict[str, Any]:
+def answer(
+    response: Any,
+    uri: str,
+    *,
+    traces: bool = False,
+    upload: bool = False,
+    feature: str | None = None,
+) -> dict[str, Any]:
     """MLflow's answer as a dict, or the failure it is, raised. ``uri``: the tracking URI
     (for messages); ``traces``: the request went to ``/v1/traces``, where a 404, 405 or 501
-    means the store takes no traces (`TracesUnsupported`)."""
+    means the store takes no traces (`TracesUnsupported`); ``upload``: a file PUT to the
+    artifact proxy, which MLflow 3.17's artifact router answers 200 with no body at all;
+    ``feature``: the request is one of that feature's, which the store lacks if it answers
+    405, 501, or a 404 that is not MLflow's "no such entity" (`FeatureUnsupported`)."""
     where = redact_text(uri)
     moved = next((r for r in response.history if r.status_code in METHOD_CHANGING), None)
     if moved is not None:
@@ -44,6 +55,8 @@ def answer(response: Any, uri: str, *, traces: bool = False) -> dict[str, Any]:
         if body is not None:
             return body
         if traces and media == "application/x-protobuf":
+            return {}
+        if upload and not response.content and media != "text/html":
             return {}
         raise Misconfigured(
             f"the answer from {where} is not MLflow's ({media or 'no content type'} {status}): "
@@ -63,6 +76,8 @@ def answer(response: Any, uri: str, *, traces: bool = False) -> dict[str, Any]:
         )
     if traces and status in (404, 405, 501):
         raise TracesUnsupported(f"{status} from /v1/traces")
+    if feature is not None and _lacks(status, body):
+        raise FeatureUnsupported(feature, f"{status} from {where} for {_path(response)}")
     error = _http_error(response, body)
     if status in TRANSIENT_HTTP or status == 413 or body is not None:
         raise error  # transient, too large (bisected), or MLflow's own refusal
@@ -96,6 +111,14 @@ def request_failure(exc: Exception, uri: str, what: str) -> Exception:
             return Unreachable(f"{what}: {type(exc).__name__}: {redact_text(str(exc))[:300]}")
         cause = cause.__cause__ or cause.__context__
     return exc
+
+
+def _lacks(status: int, body: dict[str, Any] | None) -> bool:
+    """An answer that says the endpoint is not there (an older MLflow, a proxy that does not
+    route it, a store without it: MLflow answers NOT_IMPLEMENTED with 501)."""
+    if status in (405, 501):
+        return True
+    return status == 404 and (body is None or body.get("error_code") == "ENDPOINT_NOT_FOUND")
 
 
 def _redirected(response: Any, where: str) -> Misconfigured:

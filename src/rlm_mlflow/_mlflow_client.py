@@ -3,24 +3,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ._exporter import ExperimentDeleted, TracesUnsupported, key_filter
+from ._exporter import (
+    ASSESSMENT_RUN_KEY,
+    ASSESSMENTS,
+    LOGGED_MODELS,
+    ExperimentDeleted,
+    FeatureUnsupported,
+    TracesUnsupported,
+    key_filter,
+    model_key_filter,
+    new_assessments,
+)
 from ._log import log
 from ._payload import MetricRow
 from ._spans import otlp_request
+from ._tables import relative_artifact_path
 
 
 class MlflowClientExporter:
     """``MlflowClient`` calls, for stores MLflow reaches without HTTP."""
 
     def __init__(self, client: Any) -> None:
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         self._client = client
-        self._metric, self._param = Metric, Param
+        self._metric, self._param, self._tag = Metric, Param, RunTag
         self.tracking_uri: str = client.tracking_uri
         self.experiment_id = ""
 
@@ -63,6 +75,77 @@ class MlflowClientExporter:
     def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:
         metrics = [self._metric(key, value, ts, step) for key, value, ts, step in rows]
         self._client.log_batch(run_id, metrics=metrics)
+
+    def log_tags(self, run_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        self._client.log_batch(run_id, tags=[self._tag(k, v) for k, v in tags])
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._client.log_text(run_id, text, relative_artifact_path(artifact_file))
+
+    def find_logged_model(self, key: str) -> str | None:
+        with _feature(LOGGED_MODELS):
+            models = self._client.search_logged_models(
+                [self.experiment_id],
+                filter_string=model_key_filter(key),
+                max_results=1,
+                order_by=[{"field_name": "creation_timestamp", "ascending": True}],
+            )
+        return str(models[0].model_id) if models else None
+
+    def create_logged_model(
+        self,
+        name: str,
+        source_run_id: str,
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> str:
+        with _feature(LOGGED_MODELS):
+            model = self._client.create_logged_model(
+                self.experiment_id,
+                name=name,
+                source_run_id=source_run_id,
+                params=dict(params),
+                tags=dict(tags),
+            )
+            self._client.finalize_logged_model(model.model_id, "READY")
+        return str(model.model_id)
+
+    def log_model_metrics(self, run_id: str, model_id: str, rows: Sequence[MetricRow]) -> None:
+        """``log_batch`` of metrics that carry the model's id: the store keeps them on the run
+        and on the model."""
+        metrics = [self._metric(k, v, ts, s, model_id=model_id) for k, v, ts, s in rows]
+        self._client.log_batch(run_id, metrics=metrics)
+
+    def log_assessments(self, trace_id: str, assessments: Sequence[dict[str, Any]]) -> None:
+        """Through the store, as the server's handler does it (MlflowClient 3.17 has no
+        assessment call; ``mlflow.log_feedback`` goes through the store too): the trace's
+        assessments, then ``create_assessment`` of each new one."""
+        from mlflow.entities import AssessmentSource, Expectation, Feedback
+
+        store = self._client._tracking_client.store
+        with _feature(ASSESSMENTS):
+            info = store.get_trace_info(trace_id)
+            have = [
+                (a.name, "feedback" if isinstance(a, Feedback) else "expectation")
+                for a in info.assessments
+                if isinstance(a, (Feedback, Expectation))
+            ]
+            for new in new_assessments(have, assessments):
+                source = AssessmentSource(
+                    source_type=new["source_type"], source_id=new["source_id"]
+                )
+                metadata = {ASSESSMENT_RUN_KEY: new["run_id"]} if new.get("run_id") else None
+                common: dict[str, Any] = {
+                    "source": source,
+                    "trace_id": trace_id,
+                    "metadata": metadata,
+                }
+                entity = (
+                    Feedback(new["name"], new["value"], rationale=new.get("rationale"), **common)
+                    if new["kind"] == "feedback"
+                    else Expectation(new["name"], new["value"], **common)
+                )
+                store.create_assessment(entity)
 
     def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
         self._client.set_terminated(run_id, status=status, end_time=end_ms)
@@ -113,6 +196,22 @@ class MlflowClientExporter:
             roots = [s.trace_id for s in mlflow_spans if s.parent_id is None]
             if roots:
                 store.link_traces_to_run(roots, run_id)
+
+
+@contextlib.contextmanager
+def _feature(feature: str) -> Iterator[None]:
+    """A store without ``feature`` (NotImplementedError, MLflow's NOT_IMPLEMENTED) raises
+    FeatureUnsupported."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except NotImplementedError as exc:
+        raise FeatureUnsupported(feature, f"{type(exc).__name__}: {exc}"[:300]) from exc
+    except MlflowException as exc:
+        if exc.error_code not in ("NOT_IMPLEMENTED", "ENDPOINT_NOT_FOUND"):
+            raise
+        raise FeatureUnsupported(feature, str(exc)[:300]) from exc
 
 
 def _base64_ids(request: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from . import _rest_extras as extras
 from ._exporter import API, ExperimentDeleted, HttpError, key_filter
 from ._http import answer, request_failure
 from ._log import log
@@ -81,10 +82,12 @@ class RestExporter:
         data: Any = None,
         json_body: bool = False,
         headers: dict[str, str] | None = None,
+        feature: str | None = None,
     ) -> dict[str, Any]:
         """One request, no inner retries (ours are around it), our timeout; MLflow's answer,
-        or the failure it is (`_http.answer`). ``data`` goes as it is (JSON already when
-        ``json_body``); ``body`` is sent as JSON, or as the query of a GET."""
+        or the failure it is (`_http.answer`; ``feature``: the request is one of that
+        feature's). ``data`` goes as it is (JSON already when ``json_body``); ``body`` is
+        sent as JSON, or as the query of a GET."""
         kwargs: dict[str, Any] = {}
         if method == "GET":
             kwargs["params"] = body
@@ -112,7 +115,9 @@ class RestExporter:
             )
         except Exception as exc:  # MLflow wraps the HTTP client's errors in MlflowException
             raise request_failure(exc, self.tracking_uri, f"{method} {endpoint}") from exc
-        return answer(response, self.tracking_uri, traces=endpoint == TRACES)
+        upload = method == "PUT" and endpoint.startswith(extras.ARTIFACTS)
+        traces = endpoint == TRACES
+        return answer(response, self.tracking_uri, traces=traces, upload=upload, feature=feature)
 
     def experiment(self, name: str, restore: bool) -> str:
         """Get or create (see `MlflowClientExporter.experiment`)."""
@@ -166,6 +171,10 @@ class RestExporter:
 
     def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
         body = {"run_id": run_id, "params": [{"key": k, "value": v} for k, v in params]}
+        self._request("POST", f"{API}/runs/log-batch", body)
+
+    def log_tags(self, run_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        body = {"run_id": run_id, "tags": [{"key": k, "value": v} for k, v in tags]}
         self._request("POST", f"{API}/runs/log-batch", body)
 
     def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:
@@ -275,13 +284,9 @@ class RestExporter:
         """Files go to the server's artifact proxy by our own requests (our timeout, no inner
         retries); other artifact stores (a path the server names, S3, ...) through MLflow's
         artifact repository. A file lands at the root, a directory under its own name."""
-        artifact_uri = self._artifact_uris.get(run_id)
-        if artifact_uri is None:
-            info = self._request("GET", f"{API}/runs/get", {"run_id": run_id})["run"]["info"]
-            artifact_uri = self._artifact_uris[run_id] = info.get("artifact_uri", "")
-        if not artifact_uri.startswith("mlflow-artifacts:/") or artifact_uri.startswith(
-            "mlflow-artifacts://"
-        ):
+        artifact_uri = self.artifact_uri(run_id)
+        root = extras.proxied_root(artifact_uri)
+        if root is None:
             from mlflow.store.artifact.artifact_repository_registry import (
                 get_artifact_repository,
             )
@@ -293,7 +298,6 @@ class RestExporter:
             else:
                 repo.log_artifact(path)
             return
-        root = artifact_uri.removeprefix("mlflow-artifacts:").strip("/")
         files = [(path, os.path.basename(path))]
         if os.path.isdir(path):
             base = os.path.basename(os.path.normpath(path))
@@ -306,9 +310,7 @@ class RestExporter:
         for local, relative in files:
             try:
                 with open(local, "rb") as handle:
-                    endpoint = "/api/2.0/mlflow-artifacts/artifacts/" + posixpath.normpath(
-                        posixpath.join(root, relative)
-                    )
+                    endpoint = extras.ARTIFACTS + posixpath.normpath(posixpath.join(root, relative))
                     self._request("PUT", endpoint, data=handle)
             except OSError as exc:
                 if exc.filename is None:
@@ -317,3 +319,33 @@ class RestExporter:
         if unreadable:  # the readable files landed; say which could not be read
             first = unreadable[0]
             raise OSError(first.errno, f"{len(unreadable)} file(s) unreadable", first.filename)
+
+    def artifact_uri(self, run_id: str) -> str:
+        """The run's artifact root, as the server named it (asked once per run)."""
+        artifact_uri = self._artifact_uris.get(run_id)
+        if artifact_uri is None:
+            info = self._request("GET", f"{API}/runs/get", {"run_id": run_id})["run"]["info"]
+            artifact_uri = self._artifact_uris[run_id] = info.get("artifact_uri", "")
+        return artifact_uri
+
+    # MLflow 3's parts (tables, logged models, assessments): in `_rest_extras`.
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        extras.log_text(self, run_id, text, artifact_file)
+
+    def find_logged_model(self, key: str) -> str | None:
+        return extras.find_logged_model(self, key)
+
+    def create_logged_model(
+        self,
+        name: str,
+        source_run_id: str,
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> str:
+        return extras.create_logged_model(self, name, source_run_id, params, tags)
+
+    def log_model_metrics(self, run_id: str, model_id: str, rows: Sequence[MetricRow]) -> None:
+        extras.log_model_metrics(self, run_id, model_id, rows)
+
+    def log_assessments(self, trace_id: str, assessments: Sequence[dict[str, Any]]) -> None:
+        extras.log_assessments(self, trace_id, assessments)

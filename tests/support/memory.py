@@ -4,7 +4,8 @@ Like OpenTelemetry's InMemorySpanExporter: it plugs into the worker in place of 
 (`MLflowSink(..., exporter=MemoryExporter())`), so the forwarding logic (ordering, bisecting,
 counting, retries) is tested fast and exhaustively. It behaves as MLflow's store does where
 that matters: an exact duplicate metric is dropped, a param logged again with another value
-is refused, a deleted experiment refuses everything. The real-server tests stay.
+is refused, a deleted experiment refuses everything, assessments need a stored trace, a
+feature the test took away (`lack`) raises FeatureUnsupported. The real-server tests stay.
 """
 
 from __future__ import annotations
@@ -13,10 +14,22 @@ import itertools
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rlm_mlflow._exporter import HttpError, Misconfigured, Unreachable
+from rlm_mlflow import _spans
+from rlm_mlflow._exporter import (
+    ASSESSMENTS,
+    LOGGED_MODELS,
+    MODEL_KEY_TAG,
+    Exporter,
+    FeatureUnsupported,
+    HttpError,
+    Misconfigured,
+    Unreachable,
+    new_assessments,
+)
 from rlm_mlflow._payload import RUN_KEY_TAG, MetricRow
+from rlm_mlflow._tables import relative_artifact_path
 
 
 @dataclass
@@ -30,6 +43,26 @@ class MemoryRun:
     status: str = "RUNNING"
     end_ms: int | None = None
     artifacts: list[str] = field(default_factory=list)
+    texts: dict[str, str] = field(default_factory=dict)  # artifact file -> its text
+
+
+@dataclass
+class MemoryModel:
+    model_id: str
+    name: str
+    source_run_id: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    status: str = "READY"
+    metrics: dict[str, list[tuple[float, int, int]]] = field(default_factory=dict)
+
+
+@dataclass
+class MemoryTrace:
+    trace_id: str  # as MLflow names it (tr-...)
+    spans: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str | None = None  # linked to
+    assessments: list[dict[str, Any]] = field(default_factory=list)
 
 
 class MemoryExporter:
@@ -43,6 +76,9 @@ class MemoryExporter:
         self.tracking_uri = "http://memory" if server else "memory"
         self.experiment_id = "1"
         self.runs: dict[str, MemoryRun] = {}
+        self.models: dict[str, MemoryModel] = {}
+        self.traces: dict[str, MemoryTrace] = {}
+        self.lacking: set[str] = set()  # features this store lacks (`lack`)
         self.calls: list[tuple[str, str | None]] = []  # (call, mlflow run id), in order
         self.deleted = False
         self.refuse: Callable[[str, Any], bool] | None = None
@@ -64,6 +100,16 @@ class MemoryExporter:
         with self._lock:
             error = Misconfigured("401 from http://memory: scripted refusal")
             self._scripted.setdefault(call, []).extend([error] * times)
+
+    def lack(self, feature: str) -> None:
+        """Calls of ``feature`` (LOGGED_MODELS, ASSESSMENTS) raise FeatureUnsupported, as a
+        server without the endpoints makes them."""
+        with self._lock:
+            self.lacking.add(feature)
+
+    def _feature(self, feature: str) -> None:
+        if feature in self.lacking:
+            raise FeatureUnsupported(feature, "scripted: the memory store lacks it")
 
     def unreachable(self, call: str, times: int) -> None:
         with self._lock:
@@ -124,6 +170,76 @@ class MemoryExporter:
     def experiment_state(self) -> str:
         return "deleted" if self.deleted else "active"
 
+    def log_spans(self, run_id: str, spans: Sequence[dict[str, Any]], link: bool) -> None:
+        self._enter("log_spans", run_id, spans)
+        with self._lock:
+            for span in spans:
+                trace_id = "tr-" + span["traceId"]
+                trace = self.traces.setdefault(trace_id, MemoryTrace(trace_id))
+                if span["spanId"] not in {s["spanId"] for s in trace.spans}:
+                    trace.spans.append(span)
+                if link and not span.get("parentSpanId"):
+                    trace.run_id = run_id
+
+    def log_tags(self, run_id: str, tags: Sequence[tuple[str, str]]) -> None:
+        self._enter("log_tags", run_id, tags)
+        with self._lock:
+            self.runs[run_id].tags.update(tags)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._enter("log_text", run_id, [artifact_file])
+        path = relative_artifact_path(artifact_file)
+        with self._lock:
+            self.runs[run_id].texts[path] = text
+
+    def find_logged_model(self, key: str) -> str | None:
+        self._enter("find_logged_model", None)
+        self._feature(LOGGED_MODELS)
+        with self._lock:
+            found = [m for m in self.models.values() if m.tags.get(MODEL_KEY_TAG) == key]
+        return found[0].model_id if found else None
+
+    def create_logged_model(
+        self,
+        name: str,
+        source_run_id: str,
+        params: Sequence[tuple[str, str]],
+        tags: Sequence[tuple[str, str]],
+    ) -> str:
+        self._enter("create_logged_model", source_run_id, [*params, *tags])
+        self._feature(LOGGED_MODELS)
+        with self._lock:
+            model_id = f"model-{next(self._ids)}"
+            model = MemoryModel(model_id, name, source_run_id, dict(params), dict(tags))
+            self.models[model_id] = model
+        return model_id
+
+    def log_model_metrics(self, run_id: str, model_id: str, rows: Sequence[MetricRow]) -> None:
+        self._enter("log_model_metrics", run_id, rows)
+        with self._lock:
+            if model_id not in self.models:
+                raise HttpError(404, "RESOURCE_DOES_NOT_EXIST", f"no logged model {model_id}")
+            for metrics in (self.runs[run_id].metrics, self.models[model_id].metrics):
+                for key, value, ts, step in rows:
+                    points = metrics.setdefault(key, [])
+                    if (value, ts, step) not in points:
+                        points.append((value, ts, step))
+
+    def log_assessments(self, trace_id: str, assessments: Sequence[dict[str, Any]]) -> None:
+        self._enter("log_assessments", None, assessments)
+        self._feature(ASSESSMENTS)
+        with self._lock:
+            trace = self.traces.get(trace_id)
+            if trace is None:
+                raise HttpError(404, "RESOURCE_DOES_NOT_EXIST", f"no trace {trace_id}")
+            have = [(a["name"], a["kind"]) for a in trace.assessments]
+            trace.assessments.extend(dict(a) for a in new_assessments(have, assessments))
+
+    def trace_of(self, key: str) -> MemoryTrace | None:
+        """The trace of the run started with ``key`` (its start key), if any spans came."""
+        with self._lock:
+            return self.traces.get(_spans.mlflow_trace_id(key))
+
     def by_run_id(self) -> dict[str, MemoryRun]:
         """The runs by the caller's run id (tag ``run_id``)."""
         with self._lock:
@@ -131,3 +247,7 @@ class MemoryExporter:
 
     def steps(self, run: MemoryRun, key: str = "step_reward") -> list[int]:
         return sorted(step for _, _, step in run.metrics.get(key, []))
+
+
+if TYPE_CHECKING:  # the whole protocol: tests/test_exporters.py runs mypy on this file
+    _: Exporter = MemoryExporter()

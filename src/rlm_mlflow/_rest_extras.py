@@ -1,0 +1,167 @@
+"""`RestExporter`'s calls for MLflow 3's parts: table files, logged models, metrics linked to
+a logged model, and assessments on traces. Functions of the exporter, REST JSON as MLflow's
+own ``RestStore`` sends it (the shapes are those of MLflow 3.17's ``service.proto`` and
+``assessments.proto``, checked against its handlers):
+
+- logged models: ``POST /api/2.0/mlflow/logged-models`` (create: ``experiment_id``, ``name``,
+  ``source_run_id``, ``params`` and ``tags`` as key/value lists), ``PATCH
+  /api/2.0/mlflow/logged-models/{model_id}`` (finalize: ``model_id``, ``status``
+  ``LOGGED_MODEL_READY``), ``POST /api/2.0/mlflow/logged-models/search``;
+- model metrics: ``runs/log-batch`` with a ``model_id`` on each metric (the store keeps
+  them on the run and on the model);
+- assessments: ``GET /api/3.0/mlflow/traces/{trace_id}`` (the trace's info, with its
+  assessments), then ``POST /api/3.0/mlflow/traces/{trace_id}/assessments`` with one
+  ``assessment`` each.
+
+A store without logged models or assessments answers their endpoints 404/405/501:
+`FeatureUnsupported`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from ._exporter import (
+    API,
+    ASSESSMENT_RUN_KEY,
+    ASSESSMENTS,
+    LOGGED_MODELS,
+    model_key_filter,
+    new_assessments,
+)
+from ._payload import MetricRow
+from ._tables import relative_artifact_path
+
+if TYPE_CHECKING:
+    from ._rest import RestExporter
+
+MODELS = f"{API}/logged-models"
+TRACES_V3 = "/api/3.0/mlflow/traces"
+ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts/"
+
+
+def proxied_root(artifact_uri: str) -> str | None:
+    """The path under the server's artifact proxy of a ``mlflow-artifacts:/`` URI (one that
+    names no other host), else None: the artifacts go elsewhere, through MLflow's artifact
+    repository."""
+    if not artifact_uri.startswith("mlflow-artifacts:/") or artifact_uri.startswith(
+        "mlflow-artifacts://"
+    ):
+        return None
+    return artifact_uri.removeprefix("mlflow-artifacts:").strip("/")
+
+
+def log_text(rest: RestExporter, run_id: str, text: str, artifact_file: str) -> None:
+    """Through the artifact proxy, as `RestExporter.log_path` sends files; to other artifact
+    stores through MLflow's artifact repository, from a temporary file."""
+    path = relative_artifact_path(artifact_file)
+    artifact_uri = rest.artifact_uri(run_id)
+    root = proxied_root(artifact_uri)
+    if root is not None:
+        endpoint = ARTIFACTS + posixpath.normpath(posixpath.join(root, path))
+        rest._request("PUT", endpoint, data=text.encode())
+        return
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo: Any = get_artifact_repository(artifact_uri, tracking_uri=rest.tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="rlm-mlflow-") as tmp:
+        local = os.path.join(tmp, posixpath.basename(path))
+        with open(local, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        repo.log_artifact(local, artifact_path=posixpath.dirname(path) or None)
+
+
+def find_logged_model(rest: RestExporter, key: str) -> str | None:
+    body = {
+        "experiment_ids": [rest.experiment_id],
+        "filter": model_key_filter(key),
+        "max_results": 1,
+        "order_by": [{"field_name": "creation_timestamp", "ascending": True}],
+    }
+    found = rest._request("POST", f"{MODELS}/search", body, feature=LOGGED_MODELS)
+    models = found.get("models", [])
+    return str(models[0]["info"]["model_id"]) if models else None
+
+
+def create_logged_model(
+    rest: RestExporter,
+    name: str,
+    source_run_id: str,
+    params: Sequence[tuple[str, str]],
+    tags: Sequence[tuple[str, str]],
+) -> str:
+    body = {
+        "experiment_id": rest.experiment_id,
+        "name": name,
+        "source_run_id": source_run_id,
+        "params": [{"key": k, "value": v} for k, v in params],
+        "tags": [{"key": k, "value": v} for k, v in tags],
+    }
+    created = rest._request("POST", MODELS, body, feature=LOGGED_MODELS)
+    model_id = str(created["model"]["info"]["model_id"])
+    ready = {"model_id": model_id, "status": "LOGGED_MODEL_READY"}
+    rest._request("PATCH", f"{MODELS}/{model_id}", ready, feature=LOGGED_MODELS)
+    return model_id
+
+
+def log_model_metrics(
+    rest: RestExporter, run_id: str, model_id: str, rows: Sequence[MetricRow]
+) -> None:
+    metrics = [
+        {"key": k, "value": v, "timestamp": ts, "step": s, "model_id": model_id}
+        for k, v, ts, s in rows
+    ]
+    rest._request("POST", f"{API}/runs/log-batch", {"run_id": run_id, "metrics": metrics})
+
+
+def log_assessments(
+    rest: RestExporter, trace_id: str, assessments: Sequence[dict[str, Any]]
+) -> None:
+    """The trace's assessments first (a 404 RESOURCE_DOES_NOT_EXIST: the trace is not stored,
+    an HttpError), then one create for each new one."""
+    found = rest._request("GET", f"{TRACES_V3}/{trace_id}", feature=ASSESSMENTS)
+    have = [
+        (a.get("assessment_name", ""), kind)
+        for a in found.get("trace", {}).get("trace_info", {}).get("assessments", [])
+        for kind in ("feedback", "expectation")
+        if kind in a
+    ]
+    for assessment in new_assessments(have, assessments):
+        body = {"assessment": assessment_json(trace_id, assessment, time.time())}
+        rest._request("POST", f"{TRACES_V3}/{trace_id}/assessments", body, feature=ASSESSMENTS)
+
+
+def assessment_json(trace_id: str, assessment: dict[str, Any], now: float) -> dict[str, Any]:
+    """``assessments.proto``'s Assessment in JSON, as ``Assessment.to_proto`` makes it: a
+    feedback's value is a ``google.protobuf.Value`` (any JSON), an expectation's too when a
+    scalar, else its JSON text (``serialized_value``); the run in the metadata, where MLflow
+    reads ``Assessment.run_id`` from. MLflow keeps a rationale on feedback only."""
+    value = assessment["value"]
+    if assessment["kind"] == "feedback":
+        wrapped: dict[str, Any] = {"feedback": {"value": value}}
+    elif isinstance(value, (bool, int, float, str)):
+        wrapped = {"expectation": {"value": value}}
+    else:
+        serialized = {"serialization_format": "JSON_FORMAT", "value": json.dumps(value)}
+        wrapped = {"expectation": {"serialized_value": serialized}}
+    stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    body: dict[str, Any] = {
+        "assessment_name": assessment["name"],
+        "trace_id": trace_id,
+        "source": {"source_type": assessment["source_type"], "source_id": assessment["source_id"]},
+        "create_time": stamp,
+        "last_update_time": stamp,
+        **wrapped,
+    }
+    if assessment.get("rationale") is not None:
+        body["rationale"] = assessment["rationale"]
+    if assessment.get("run_id"):
+        body["metadata"] = {ASSESSMENT_RUN_KEY: assessment["run_id"]}
+    return body
