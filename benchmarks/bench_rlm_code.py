@@ -12,7 +12,10 @@ in rotated order within each round, in this one process:
 
 Reported per setup, as medians over the rounds: the runner's wall time for the task and the
 time spent inside the MLflow sink's hooks, and the ratio of the loop time to no-mlflow's.
-Writes benchmarks/results/rlm-code-latest.json.
+Then the same setups on a benchmark: rlm-code's `run_benchmark` over a small pack (the
+recursive task, one case that matches its expected answer, one that does not), its wall time
+and its ratio to no-mlflow's (under autolog each benchmark is a parent run with its cases
+under it). Writes benchmarks/results/rlm-code-latest.json.
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the scripted connector of the tests
 
 from rlm_code.rlm.observability import RLMObservability  # noqa: E402
-from support.scripted_rlm import run_scripted  # noqa: E402
+from support.scripted_rlm import (  # noqa: E402
+    BENCH_CASES,
+    run_scripted,
+    scripted_runner,
+    shutdown_interpreters,
+    write_pack,
+)
 from support.servers import MlflowServer, free_port  # noqa: E402
 
 import rlm_mlflow  # noqa: E402
@@ -97,6 +106,19 @@ def one_run(setup: str, workdir: Path) -> dict[str, float]:
     return {"loop_s": loop, "hooks_s": timed.seconds if timed else 0.0}
 
 
+def one_benchmark(workdir: Path) -> float:
+    """rlm-code's run_benchmark over the small pack; its wall time."""
+    workdir.mkdir(parents=True)
+    pack = write_pack(workdir / "pack.json", "bench_pack", BENCH_CASES[:3])
+    runner = scripted_runner(workdir)
+    try:
+        started = time.perf_counter()
+        runner.run_benchmark(preset="bench_pack", pack_paths=[str(pack)])
+        return time.perf_counter() - started
+    finally:
+        shutdown_interpreters(runner)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -104,14 +126,17 @@ def main() -> None:
     experiment = f"bench-rlm-code-{int(time.time())}"
     unreachable = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     samples: dict[str, list[dict[str, float]]] = {s: [] for s in SETUPS}
+    benchmarks: dict[str, list[float]] = {s: [] for s in SETUPS}
     with tempfile.TemporaryDirectory() as tmp, MlflowServer(Path(tmp) / "server") as server:
         for round_ in range(args.rounds + 1):  # round 0 warms up (imports, first requests)
             order = SETUPS[round_ % len(SETUPS) :] + SETUPS[: round_ % len(SETUPS)]
             for setup in order:
                 configure(setup, server.url, unreachable, experiment)
                 result = one_run(setup, Path(tmp) / f"{setup}-{round_}")
+                bench_s = one_benchmark(Path(tmp) / f"{setup}-{round_}-benchmark")
                 if round_:
                     samples[setup].append(result)
+                    benchmarks[setup].append(bench_s)
             print(f"round {round_}/{args.rounds}", file=sys.stderr)
         # our forwarders: deliver what is deliverable, give up on the unreachable one
         for uri, timeout in ((server.url, 60.0), (unreachable, 1.0)):
@@ -134,6 +159,17 @@ def main() -> None:
             f"| {setup} | {row['loop_ms']:.1f} ms | {row['loop_ratio']:.2f} | "
             f"{row['hooks_ms']:.3f} ms | {row['hooks_p90_ms']:.3f} ms |"
         )
+    bench_floor = statistics.median(benchmarks["no-mlflow"])
+    report["benchmark"] = {"cases": 3, "setups": {}}
+    print("\n| setup | benchmark (3 cases), median | / no-mlflow |")
+    print("|---|---|---|")
+    for setup in SETUPS:
+        median = statistics.median(benchmarks[setup])
+        report["benchmark"]["setups"][setup] = {
+            "wall_ms": median * 1e3,
+            "ratio": median / bench_floor,
+        }
+        print(f"| {setup} | {median * 1e3:.1f} ms | {median / bench_floor:.2f} |")
     out = HERE / "results" / "rlm-code-latest.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)

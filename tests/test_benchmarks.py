@@ -15,6 +15,7 @@ import mlflow
 import pytest
 from conftest import Readback
 from mlflow import MlflowClient
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from support.scripted_rlm import (
     BENCH_CASES,
     CHILD_KEYS,
@@ -43,13 +44,14 @@ def autologged(
 
 
 class CancellingConnector(ScriptedConnector):
-    """Asks the runner to cancel once the first case's run is under way."""
+    """Cancels the benchmark once its first case's run is under way (as `/rlm cancel` would:
+    rlm-code's own request_cancel only reaches the runs active at the time)."""
 
     runner: Any = None
 
     def generate_response(self, prompt: str, *args: Any, **kwargs: Any) -> str:
         if self.runner is not None:
-            self.runner.request_cancel()
+            self.runner._is_cancel_requested = lambda *_: True
         return super().generate_response(prompt, *args, **kwargs)
 
 
@@ -89,7 +91,11 @@ def case_runs(readback: Readback, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_a_benchmark_is_one_parent_run_whose_metrics_are_rlm_codes_summary(
-    autologged: None, tmp_path: Path, readback: Readback, tracking_uri: str
+    autologged: None,
+    tmp_path: Path,
+    readback: Readback,
+    tracking_uri: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     payload = run_benchmark(tmp_path)
     runs = readback.runs()
@@ -120,11 +126,9 @@ def test_a_benchmark_is_one_parent_run_whose_metrics_are_rlm_codes_summary(
     client = MlflowClient(tracking_uri)
     files = {f.path for f in client.list_artifacts(parent.info.run_id)}
     assert {f"{payload['benchmark_id']}.json", "case_results.json"} <= files
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", parent.info.experiment_id)  # what it searches
+    with _use_tracking_uri(tracking_uri):
         table = mlflow.load_table("case_results.json", run_ids=[parent.info.run_id])
-    finally:
-        mlflow.set_tracking_uri(None)
     assert sorted(table["case_id"]) == sorted(c["id"] for c in BENCH_CASES)
     assert json.loads(tags["mlflow.loggedArtifacts"]) == [
         {"path": "case_results.json", "type": "table"}

@@ -168,7 +168,7 @@ def case_table(payload: Mapping[str, Any]) -> dict[str, Any]:
     """Every case's result, a row each (`mlflow.log_table`'s columns and data)."""
     rows = []
     for r in _rows(payload):
-        usage = r.get("usage") if isinstance(r.get("usage"), Mapping) else {}
+        usage: Mapping[str, Any] = r["usage"] if isinstance(r.get("usage"), Mapping) else {}
         values = {
             **r,
             **{k: usage.get(k) for k in ("prompt_tokens", "completion_tokens", "total_calls")},

@@ -15,15 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from . import _payload as payload
 from ._event import RunEnd
-from ._exporter import FeatureUnsupported
+from ._exporter import MODEL_KEY_TAG, FeatureUnsupported
+from ._limits import MAX_PARAMS_PER_BATCH
 from ._log import log
 from ._tables import logged_artifacts_tag, table_artifact
 
 if TYPE_CHECKING:
     from ._lane import Lane, Sending
-
-#: Tag on a logged model: finds it again (a replay, a second import) instead of a copy.
-MODEL_KEY_TAG = "rlm_mlflow.model_key"
 
 
 def start_tags(lane: Lane, tags: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -56,9 +54,9 @@ async def send_end(lane: Lane, event: RunEnd, s: Sending, upload: bool) -> list[
             await s.outcomes.undeliverable(0, lane, "log_batch", error, payload.metric_dicts(part))
             failed.append(error)
     tags = list(extra.get("tags", {}).items())
-    for start in range(0, len(tags), payload.MAX_PARAMS_PER_BATCH):
-        part = tags[start : start + payload.MAX_PARAMS_PER_BATCH]
-        failed += await _call(lane, s, "log_tags", connection.log_tags(run, part), part)
+    for start in range(0, len(tags), MAX_PARAMS_PER_BATCH):
+        some = tags[start : start + MAX_PARAMS_PER_BATCH]
+        failed += await _call(lane, s, "log_tags", connection.log_tags(run, some), some)
     if not upload:
         return failed
     for path in extra.get("artifacts", []):
@@ -131,6 +129,6 @@ async def _call(
 
 def _unsupported(lane: Lane, s: Sending, exc: FeatureUnsupported) -> None:
     s.outcomes.stats.skipped += 1
-    if str(exc) not in s.unsupported:  # said once per feature
-        s.unsupported.add(str(exc))
+    if exc.feature not in s.unsupported:  # said once per feature
+        s.unsupported.add(exc.feature)
         log.warning("the tracking store lacks a feature; that part is not logged", reason=str(exc))
