@@ -248,6 +248,22 @@ class MLflowSink:
         except Exception as exc:
             self._hook_failed("on_run_start", run_id, exc)
 
+    def _step(
+        self, run_id: str, *, event: dict[str, Any], cumulative_reward: float, at: float
+    ) -> None:
+        """`on_step` at a time other than now (an imported step's): the same event, the
+        usage (or with traces the whole event) with it."""
+        buffer = self._buffer
+        if buffer is None:
+            return
+        try:
+            get = event.get
+            extra = dict(event) if self.settings.traces else get("usage")
+            fields = (run_id, get("step"), get("reward"), cumulative_reward, at, extra)
+            buffer.put(_new(Step, fields))
+        except Exception as exc:
+            self._hook_failed("on_step", run_id, exc)
+
     def _end(
         self,
         run_id: str,
