@@ -1,6 +1,6 @@
-"""The `rlm-mlflow` command: its four commands, each a function, and their parser.
+"""The `rlm-mlflow` command: its five commands, each a function, and their parser.
 
-Longer than the library's modules because it holds all four (and `status`'s read-only look
+Longer than the library's modules because it holds all five (and `status`'s read-only look
 at a store and a spool); what they drive lives in the library (`_workload`, `_replay`,
 `_autolog`'s bootstrap, `_instrument`).
 """
@@ -42,7 +42,8 @@ DESCRIPTION = """rlm-mlflow: forward RLM benchmark runs to MLflow.
 
 Commands: `run` (a synthetic RLM benchmark loop that reports to MLflow), `status` (what a
 sink would use and find, read-only), `sync` (deliver what dead or offline processes left in a
-spool directory), `instrument` (run a command with this forwarder in rlm-code's MLflow slot).
+spool directory), `instrument` (run a command with this forwarder in rlm-code's MLflow slot),
+`import` (backfill MLflow from the run and benchmark files rlm-code wrote).
 """
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
@@ -409,6 +410,69 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0 if summary.kept == 0 and not summary.need_uri else 1
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    """Backfill MLflow from an rlm-code workdir's files; what is there already stays."""
+    from ._import import Importer, existing_runs, units
+    from ._import_find import find
+    from ._sink import MLflowSink
+
+    paths = [Path(p) for p in args.paths]
+    for path in paths:
+        if not path.exists():
+            raise CliError(f"{path} does not exist (a PATH argument)")
+    tracking_uri = resolve_uri(args)
+    # The files are the journal: a failed import is done again, never spooled.
+    # Waits as long as a backfill may need, unless told otherwise (flag or variable).
+    waits = {
+        name: 600.0
+        for name in ("put_timeout", "close_timeout")
+        if name not in given_settings(args) and env_name(name) not in os.environ
+    }
+    settings = settings_from(args, spool_dir="", when_full="block", **waits)
+    preflight(tracking_uri, spooled=False)
+    plan = find(paths)
+    if not plan.runs and not plan.benchmarks and not plan.problems:
+        raise CliError(f"no rlm-code run or benchmark files under {', '.join(map(str, paths))}")
+    try:
+        existing = existing_runs(tracking_uri, args.experiment)
+    except Exception as exc:  # the store, as MLflow says it
+        raise CliError(
+            f"cannot read experiment {args.experiment!r} at {redact_uri(tracking_uri)}: "
+            f"{str(exc)[:300]}",
+            EXIT_UNREACHABLE,
+        ) from None
+    total = units(plan)
+    done = 0
+
+    def progress() -> None:
+        nonlocal done
+        done += 1
+        if sys.stderr.isatty() or done == total:
+            filled = int(30 * done / max(total, 1))
+            end = "\n" if done == total else ""
+            bar = f"[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} runs"
+            sys.stderr.write(f"\r{bar}{end}")
+            sys.stderr.flush()
+
+    sink = MLflowSink(
+        True, experiment=args.experiment, tracking_uri=tracking_uri, settings=settings
+    )
+    counts = Importer(sink, existing, progress).run(plan)
+    for problem in counts.problems:
+        print(f"rlm-mlflow import: skipped {problem}", file=sys.stderr)
+    closed = sink.close()
+    status = sink.status()
+    print(
+        f"imported into {redact_uri(tracking_uri)} (experiment {args.experiment}): "
+        f"created {counts.created} runs, found {counts.found} already there, "
+        f"skipped {len(counts.problems)}; delivered {status.get('delivered')} events, "
+        f"failed {status.get('failed')}, dead-lettered {status.get('dead_lettered')}, "
+        f"rejected {status.get('rejected')}, dropped {status.get('dropped')}"
+    )
+    lost = any(status.get(k) for k in ("failed", "dead_lettered", "rejected", "dropped"))
+    return 0 if closed and not lost and not counts.problems else 1
+
+
 def listing(destinations: list[str]) -> str:
     """Each destination once, in order, with its number of journals when more than one."""
     counts: dict[str, int] = {}
@@ -577,6 +641,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_setting_flags(sync_, skip=("spool_dir", "when_full", "spool_max_bytes"))
     sync_.set_defaults(func=cmd_sync)
+    import_ = sub.add_parser(
+        "import",
+        help="backfill MLflow from what rlm-code wrote (runs, benchmarks); idempotent",
+        description="Every run JSONL under PATH becomes its MLflow run (params, each step's "
+        "metrics at its time, summary, the JSONL as artifact, children nested; KILLED "
+        "without a final record), every benchmark summary its parent run with the case "
+        "runs under it. PATH: an rlm-code workdir's .rlm_code directory, its rlm/runs or "
+        "rlm/benchmarks, one summary JSON or one run JSONL. Runs already in the experiment "
+        "(logged live, or by an earlier import) are left as they are; unreadable lines are "
+        "skipped and named (file:line).",
+        formatter_class=Help,
+    )
+    import_.add_argument("paths", nargs="+", metavar="PATH", help="what rlm-code wrote")
+    add_tracking_uri(import_)
+    import_.add_argument(
+        "--experiment",
+        default=os.environ.get("DSPY_RLM_MLFLOW_EXPERIMENT") or DEFAULT_EXPERIMENT,
+        help="experiment (env DSPY_RLM_MLFLOW_EXPERIMENT)",
+    )
+    add_setting_flags(
+        import_, skip=("spool_dir", "when_full", "spool_max_bytes", "fsync", "handle_sigterm")
+    )
+    import_.set_defaults(func=cmd_import)
     instrument = sub.add_parser(
         "instrument",
         help="run a command (rlm-code, python script.py, ...) with our sink in rlm-code's slot",
@@ -593,8 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0 done, 1 done but something was not delivered (for sync: a journal
     kept, or one that needs --tracking-uri; journals for other destinations are not
-    failures), 2 bad usage or setting, 3 tracking server unreachable, 127 instrument's
-    command not found."""
+    failures; for import: a file, line or case skipped, or an event not delivered), 2 bad
+    usage or setting, 3 tracking server unreachable, 127 instrument's command not found."""
     args = build_parser().parse_args(argv)
     log_to_stderr(args.log_format)
     try:
