@@ -87,9 +87,10 @@ def write_benchmark(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def rlm_import(
-    tracking_uri: str, experiment: str, *paths: Path
+    tracking_uri: str, experiment: str, *paths: Path, **variables: str
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DSPY_RLM", "MLFLOW_"))}
+    env.update(variables)
     return subprocess.run(
         [
             CLI,
@@ -269,6 +270,24 @@ def test_runs_logged_live_are_not_imported_again_and_an_import_looks_like_them(
     ours, theirs = structure(imported, bench_id), structure(live, bench_id)
     assert theirs["tags"].pop("rlm.model") == "scripted/offline"
     assert ours == theirs
+
+
+def test_with_traces_on_each_case_is_a_trace_with_answer_match_as_feedback(
+    tmp_path: Path, tracking_uri: str, experiment: str, readback: Readback
+) -> None:
+    rlm_code, payload = write_benchmark(tmp_path)
+    done = rlm_import(tracking_uri, experiment, rlm_code, DSPY_RLM_MLFLOW_TRACES="true")
+    assert done.returncode == 0, done.stderr
+    cases = case_runs(readback.runs(), payload["benchmark_id"])
+    client = MlflowClient(tracking_uri)
+    for case_id, matched in (("matches", True), ("misses", False)):
+        run = cases[case_id]
+        (trace,) = client.search_traces(locations=[run.info.experiment_id], run_id=run.info.run_id)
+        full = client.get_trace(trace.info.trace_id)
+        found = {a.name: a for a in full.info.assessments}
+        assert found["answer_match"].feedback.value is matched
+        assert found["expected_answer"].expectation.value == "42"
+        assert len(full.data.spans) == 1 + run.data.metrics["steps"]  # the run's, a step's each
 
 
 def test_damaged_lines_are_skipped_and_named_and_the_rest_goes_on(
