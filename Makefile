@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run ui test lint bench bench-scale bench-rlm-code clean
+.PHONY: install run ui test lint bench bench-scale bench-rlm-code screenshots clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench-scale: $(STAMP)
 # rlm-code's own sink; writes benchmarks/results/rlm-code-latest.json.
 bench-rlm-code: $(STAMP)
 	$(PY) benchmarks/bench_rlm_code.py
+
+# The docs' pictures of MLflow's UI, from a real browser: needs a Python with playwright and
+# Debian's chromium (neither is one of our dependencies); writes docs/images/benchmarks-*.png.
+PLAYWRIGHT_PYTHON ?= python3
+screenshots: $(STAMP)
+	$(PLAYWRIGHT_PYTHON) benchmarks/ui_shots.py --venv $(VENV)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
