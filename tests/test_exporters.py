@@ -1,5 +1,5 @@
 """The exporters' calls for MLflow 3's parts (run tags, table files, logged models and their
-metrics, assessments), each against both real stores (the embedded one through
+metrics, assessments, trace info), each against both real stores (the embedded one through
 `MlflowClientExporter`, a server through `RestExporter`) and read back through MlflowClient
 as the UI reads them; a server without the endpoints raises FeatureUnsupported; the memory
 exporter keeps the same behaviour in memory."""
@@ -23,6 +23,7 @@ from rlm_mlflow._exporter import (
     ASSESSMENTS,
     LOGGED_MODELS,
     MODEL_KEY_TAG,
+    TRACE_INFO,
     Connection,
     Exporter,
     FeatureUnsupported,
@@ -36,6 +37,7 @@ from rlm_mlflow._exporter import (
 )
 from rlm_mlflow._settings import Settings
 from rlm_mlflow._tables import LOGGED_ARTIFACTS_TAG, logged_artifacts_tag, table_artifact
+from rlm_mlflow._trace_info import check_trace_info
 
 COLUMNS = ["case_id", "completed", "steps", "total_reward", "error"]
 ROWS: list[list[Any]] = [
@@ -356,6 +358,181 @@ async def test_connection_sends_each_call_and_does_not_retry_a_missing_feature()
         await connection.log_assessments(_spans.mlflow_trace_id("ck"), ASSESSED)
     assert len(memory.calls) == before + 1  # said once, not retried
     assert [c for c, _ in memory.calls].count("create_logged_model") == 2
+
+
+# -- trace info -----------------------------------------------------------------------------
+
+
+def used_trace(exporter: Exporter, run_id: str, key: str) -> str:
+    """A trace of a step that used tokens and its root, stored not linked to the run (so only
+    ``mlflow.sourceRun`` ties it to it): its id."""
+    trace, root = _spans.trace_id(key), _spans.span_id(key, "root")
+    usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}
+    step = {"traceId": trace, "spanId": _spans.span_id(key, 1), "parentSpanId": root,
+            "name": "step 1", "startTimeUnixNano": "1000000000", "endTimeUnixNano": "1500000000",
+            "attributes": _spans.attributes({"mlflow.spanType": "LLM",
+                                             "mlflow.chat.tokenUsage": usage}),
+            "status": {"code": 1}}  # fmt: skip
+    top = {"traceId": trace, "spanId": root, "name": "run", "startTimeUnixNano": "0",
+           "endTimeUnixNano": "2000000000", "status": {"code": 1},
+           "attributes": _spans.attributes({"mlflow.spanType": "AGENT",
+                                            "mlflow.spanInputs": {"task": "t"}})}  # fmt: skip
+    exporter.log_spans(run_id, [step, top], False)
+    return _spans.mlflow_trace_id(key)
+
+
+def ui_info(run_id: str, key: str) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "mlflow.sourceRun": run_id,
+            "mlflow.trace.user": "ada",
+            "mlflow.trace.session": f"session-{key}",
+            "mlflow.source.name": "/home/ada/bench.py",
+            "mlflow.source.type": "LOCAL",
+        },
+        "tags": {"rlm.run_id": key, "mlflow.traceName": f"run {key}", "long": "x" * 5000},
+        "request_time_ms": 1_700_000_000_123,
+        "execution_ms": 2_500,
+        "state": "ERROR",
+        "request_preview": "what is 6 times 7?",
+        "response_preview": "42",
+    }
+
+
+def test_trace_info_is_what_the_ui_reads_and_keeps_spans_usage_and_assessments(
+    exporter: Exporter, tracking_uri: str
+) -> None:
+    client = MlflowClient(tracking_uri)
+    run_id = new_run(exporter, "described")
+    key = f"described-{exporter.experiment_id}"
+    trace_id = used_trace(exporter, run_id, key)
+    exporter.log_assessments(trace_id, ASSESSED[:2])
+    assert client.search_traces(locations=[exporter.experiment_id], run_id=run_id) == []
+    exporter.set_trace_info(trace_id, ui_info(run_id, key))
+    exporter.set_trace_info(trace_id, ui_info(run_id, key))  # a replay: the same record
+    trace = client.get_trace(trace_id)
+    info, metadata, sent = trace.info, trace.info.trace_metadata, ui_info(run_id, key)
+    # the session among them: a column of its own in the store, given back as metadata
+    assert {k: metadata.get(k) for k in sent["metadata"]} == sent["metadata"]
+    assert info.tags["rlm.run_id"] == key and info.tags["mlflow.traceName"] == f"run {key}"
+    assert info.tags["long"] == "x" * 4096  # cut as MLflow's client cuts a tag
+    assert str(info.state) == "ERROR" and info.execution_duration == 2_500
+    assert info.request_time == 1_700_000_000_123
+    assert (info.request_preview, info.response_preview) == ("what is 6 times 7?", "42")
+    # what the merge keeps: the spans, the usage MLflow summed from them, the assessments
+    assert len(trace.data.spans) == 2
+    assert info.token_usage == {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}
+    assert json.loads(metadata["mlflow.trace.tokenUsage"])["total_tokens"] == 15
+    assert sorted(a.name for a in info.assessments) == ["answer_match", "total_reward"]
+    # found as the run page's Traces tab and the trace list's filters find it
+    where = [exporter.experiment_id]
+    by_run = client.search_traces(locations=where, run_id=run_id)
+    assert [t.info.trace_id for t in by_run] == [trace_id]
+    for query in (f"tags.`rlm.run_id` = '{key}'",
+                  f"metadata.`mlflow.trace.session` = 'session-{key}'",
+                  "metadata.`mlflow.trace.user` = 'ada'"):  # fmt: skip
+        found = client.search_traces(locations=where, filter_string=query)
+        assert [t.info.trace_id for t in found] == [trace_id], query
+
+
+def test_trace_info_again_replaces_what_it_names_and_keeps_the_rest(
+    exporter: Exporter, tracking_uri: str
+) -> None:
+    run_id = new_run(exporter, "redescribed")
+    key = f"redescribed-{exporter.experiment_id}"
+    trace_id = used_trace(exporter, run_id, key)
+    exporter.set_trace_info(trace_id, ui_info(run_id, key))
+    exporter.set_trace_info(
+        trace_id,
+        {"metadata": {"mlflow.trace.user": "grace"}, "tags": {"rlm.status": "done"},
+         "request_time_ms": 5_000, "execution_ms": 10, "state": "OK"},
+    )  # fmt: skip
+    info = MlflowClient(tracking_uri).get_trace(trace_id).info
+    assert info.trace_metadata["mlflow.trace.user"] == "grace"
+    assert info.trace_metadata["mlflow.sourceRun"] == run_id  # not named: kept
+    assert info.trace_metadata["mlflow.trace.session"] == f"session-{key}"
+    assert info.tags["rlm.status"] == "done" and info.tags["mlflow.traceName"] == f"run {key}"
+    assert (str(info.state), info.request_time, info.execution_duration) == ("OK", 5_000, 10)
+    assert (info.request_preview, info.response_preview) == ("what is 6 times 7?", "42")
+    assert info.token_usage == {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}
+
+
+def test_a_malformed_trace_info_is_refused_before_anything_is_sent(exporter: Exporter) -> None:
+    run_id = new_run(exporter, "malformed-info")
+    key = f"malformed-info-{exporter.experiment_id}"
+    trace_id = used_trace(exporter, run_id, key)
+    good = ui_info(run_id, key)
+    bad = [
+        (trace_id.removeprefix("tr-"), good),
+        (trace_id, {**good, "state": "IN_PROGRESS"}),
+        (trace_id, {**good, "metadata": {"mlflow.sourceRun": 7}}),
+        (trace_id, {**good, "request_time_ms": -1}),
+        (trace_id, {**good, "execution_ms": 2.5}),
+        (trace_id, {**good, "request_preview": {"task": "t"}}),
+        (trace_id, {**good, "previews": "typo"}),
+    ]
+    for bad_id, bad_info in bad:
+        with pytest.raises(ValueError):
+            exporter.set_trace_info(bad_id, bad_info)
+    info = MlflowClient(exporter.tracking_uri).get_trace(trace_id).info
+    assert "mlflow.sourceRun" not in info.trace_metadata and str(info.state) == "OK"
+
+
+@pytest.mark.parametrize("status", [404, 405, 501])
+def test_a_server_without_start_trace_v3_raises_feature_unsupported(
+    proxy: FaultProxy, mlflow_server: MlflowServer, experiment: str, status: int
+) -> None:
+    exporter = connect(proxy.url, experiment, Settings())
+    run_id = new_run(exporter, "undescribed")
+    trace_id = stored_trace(exporter, run_id, f"undescribed-{status}-{experiment}")
+    proxy.lack("/api/3.0/mlflow/traces", status=status)
+    with pytest.raises(FeatureUnsupported) as raised:
+        exporter.set_trace_info(trace_id, ui_info(run_id, "undescribed"))
+    assert raised.value.feature == TRACE_INFO and str(status) in str(raised.value)
+    assert not (is_transient(raised.value) or is_entity_error(raised.value))
+    info = MlflowClient(mlflow_server.url).get_trace(trace_id).info
+    assert "mlflow.sourceRun" not in info.trace_metadata
+
+
+def test_the_memory_exporter_merges_trace_info_as_mlflow_does() -> None:
+    memory = MemoryExporter()
+    run_id = new_run(memory, "m")
+    trace_id = stored_trace(memory, run_id, "mi")
+    memory.set_trace_info(trace_id, ui_info(run_id, "mi"))
+    again = {"metadata": {"mlflow.trace.user": "grace"}, "request_time_ms": 5, "execution_ms": 1,
+             "state": "OK"}  # fmt: skip
+    memory.set_trace_info(trace_id, again)
+    trace = memory.trace_of("mi")
+    assert trace is not None and trace.info is not None and len(trace.spans) == 2
+    expected = check_trace_info(trace_id, ui_info(run_id, "mi"))
+    assert trace.info == {
+        **expected,
+        "metadata": {**expected["metadata"], "mlflow.trace.user": "grace"},
+        "request_time_ms": 5,
+        "execution_ms": 1,
+        "state": "OK",
+    }
+    with pytest.raises(ValueError):
+        memory.set_trace_info(trace_id, {**again, "state": "RUNNING"})
+    memory.lack(TRACE_INFO)
+    with pytest.raises(FeatureUnsupported):
+        memory.set_trace_info(trace_id, again)
+
+
+@pytest.mark.anyio
+async def test_connection_sets_trace_info_and_does_not_retry_a_missing_feature() -> None:
+    memory = MemoryExporter()
+    connection = Connection(memory, 2, RetryPolicy(5.0, lambda state: None))
+    trace_id = _spans.mlflow_trace_id("ci")
+    info = ui_info("m1", "ci")
+    memory.fail("set_trace_info", 1)  # a 503: retried
+    await connection.set_trace_info(trace_id, info)
+    trace = memory.traces[trace_id]
+    assert trace.info is not None and trace.info["metadata"]["mlflow.sourceRun"] == "m1"
+    memory.lack(TRACE_INFO)
+    with pytest.raises(FeatureUnsupported):
+        await connection.set_trace_info(trace_id, info)
+    assert [c for c, _ in memory.calls].count("set_trace_info") == 3  # the 503, once, once
 
 
 # -- the table helpers ----------------------------------------------------------------------

@@ -85,13 +85,14 @@ class TracesUnsupported(Exception):
 #: The features a store may lack (`FeatureUnsupported.feature`).
 LOGGED_MODELS = "logged models"
 ASSESSMENTS = "assessments"
+TRACE_INFO = "trace info"
 
 
 class FeatureUnsupported(Exception):
     """The store lacks an MLflow feature we call (``feature``: `LOGGED_MODELS`,
-    `ASSESSMENTS`): a server without the endpoint (404, 405 or 501 on it), a store that
-    raises NotImplementedError. Nothing is wrong with what was sent, and trying again will
-    not help: the caller goes on without the feature (one warning)."""
+    `ASSESSMENTS`, `TRACE_INFO`): a server without the endpoint (404, 405 or 501 on it), a
+    store that raises NotImplementedError. Nothing is wrong with what was sent, and trying
+    again will not help: the caller goes on without the feature (one warning)."""
 
     def __init__(self, feature: str, detail: str) -> None:
         super().__init__(f"the tracking store does not support {feature}: {detail}")
@@ -216,6 +217,15 @@ class Exporter(Protocol):
         """Assessments on a stored trace, each `check_assessment`'s shape; one whose name
         and kind the trace has already is not created again (nor a second in the same
         call). FeatureUnsupported(ASSESSMENTS)."""
+        ...
+
+    def set_trace_info(self, trace_id: str, info: dict[str, Any]) -> None:
+        """The record of a trace whose spans are stored (``tr-`` and 32 hex digits) as MLflow's
+        UI reads it, ``info`` of `_trace_info.check_trace_info`'s shape: MLflow's StartTraceV3,
+        which merges into the stored trace (time, duration and state replaced, previews when
+        given, tags and metadata added key by key; spans, assessments and, unless the
+        metadata names them, token usage and session kept). Idempotent. On a trace not
+        stored yet it makes one without spans. FeatureUnsupported(TRACE_INFO)."""
         ...
 
 
@@ -485,3 +495,6 @@ class Connection:
 
     async def log_assessments(self, trace_id: str, assessments: Sequence[dict[str, Any]]) -> None:
         await self.call(self.exporter.log_assessments, trace_id, assessments)
+
+    async def set_trace_info(self, trace_id: str, info: dict[str, Any]) -> None:
+        await self.call(self.exporter.set_trace_info, trace_id, info)

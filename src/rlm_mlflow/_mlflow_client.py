@@ -12,6 +12,7 @@ from ._exporter import (
     ASSESSMENT_RUN_KEY,
     ASSESSMENTS,
     LOGGED_MODELS,
+    TRACE_INFO,
     ExperimentDeleted,
     FeatureUnsupported,
     TracesUnsupported,
@@ -23,6 +24,7 @@ from ._log import log
 from ._payload import MetricRow
 from ._spans import otlp_request
 from ._tables import relative_artifact_path
+from ._trace_info import check_trace_info
 
 
 class MlflowClientExporter:
@@ -146,6 +148,25 @@ class MlflowClientExporter:
                     else Expectation(new["name"], new["value"], **common)
                 )
                 store.create_assessment(entity)
+
+    def set_trace_info(self, trace_id: str, info: dict[str, Any]) -> None:
+        """``start_trace`` of the store, as the server's StartTraceV3 handler calls it."""
+        from mlflow.entities import TraceInfo, TraceLocation, TraceState
+
+        checked = check_trace_info(trace_id, info)
+        trace_info = TraceInfo(
+            trace_id=trace_id,
+            trace_location=TraceLocation.from_experiment_id(self.experiment_id),
+            request_time=checked["request_time_ms"],
+            execution_duration=checked["execution_ms"],
+            state=TraceState(checked["state"]),
+            request_preview=checked["request_preview"],
+            response_preview=checked["response_preview"],
+            trace_metadata=checked["metadata"],
+            tags=checked["tags"],
+        )
+        with _feature(TRACE_INFO):
+            self._client._tracking_client.store.start_trace(trace_info)
 
     def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
         self._client.set_terminated(run_id, status=status, end_time=end_ms)

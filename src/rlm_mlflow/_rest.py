@@ -328,7 +328,7 @@ class RestExporter:
             artifact_uri = self._artifact_uris[run_id] = info.get("artifact_uri", "")
         return artifact_uri
 
-    # MLflow 3's parts (tables, logged models, assessments): in `_rest_extras`.
+    # MLflow 3's parts (tables, logged models, assessments, trace info): in `_rest_extras`.
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         extras.log_text(self, run_id, text, artifact_file)
 
@@ -349,3 +349,6 @@ class RestExporter:
 
     def log_assessments(self, trace_id: str, assessments: Sequence[dict[str, Any]]) -> None:
         extras.log_assessments(self, trace_id, assessments)
+
+    def set_trace_info(self, trace_id: str, info: dict[str, Any]) -> None:
+        extras.set_trace_info(self, trace_id, info)

@@ -11,10 +11,14 @@ own ``RestStore`` sends it (the shapes are those of MLflow 3.17's ``service.prot
   them on the run and on the model);
 - assessments: ``GET /api/3.0/mlflow/traces/{trace_id}`` (the trace's info, with its
   assessments), then ``POST /api/3.0/mlflow/traces/{trace_id}/assessments`` with one
-  ``assessment`` each.
+  ``assessment`` each;
+- trace info: ``POST /api/3.0/mlflow/traces`` (StartTraceV3) with ``trace.trace_info``, a
+  ``TraceInfo`` v3 (``trace_location`` the experiment, ``request_time`` a Timestamp and
+  ``execution_duration`` a Duration in their JSON forms, ``trace_metadata`` and ``tags``
+  maps); the store merges it into the stored trace.
 
-A store without logged models or assessments answers their endpoints 404/405/501:
-`FeatureUnsupported`.
+A store without logged models, assessments or StartTraceV3 answers their endpoints
+404/405/501: `FeatureUnsupported`.
 """
 
 from __future__ import annotations
@@ -33,11 +37,13 @@ from ._exporter import (
     ASSESSMENT_RUN_KEY,
     ASSESSMENTS,
     LOGGED_MODELS,
+    TRACE_INFO,
     model_key_filter,
     new_assessments,
 )
 from ._payload import MetricRow
 from ._tables import relative_artifact_path
+from ._trace_info import check_trace_info
 
 if TYPE_CHECKING:
     from ._rest import RestExporter
@@ -164,4 +170,38 @@ def assessment_json(trace_id: str, assessment: dict[str, Any], now: float) -> di
         body["rationale"] = assessment["rationale"]
     if assessment.get("run_id"):
         body["metadata"] = {ASSESSMENT_RUN_KEY: assessment["run_id"]}
+    return body
+
+
+def set_trace_info(rest: RestExporter, trace_id: str, info: dict[str, Any]) -> None:
+    """StartTraceV3, which the store merges into the stored trace (a malformed ``info`` is a
+    ValueError before anything is sent)."""
+    body = {"trace": {"trace_info": trace_info_json(rest.experiment_id, trace_id, info)}}
+    rest._request("POST", TRACES_V3, body, feature=TRACE_INFO)
+
+
+def trace_info_json(experiment_id: str, trace_id: str, info: dict[str, Any]) -> dict[str, Any]:
+    """``service.proto``'s TraceInfo v3 in JSON, as ``TraceInfo.to_proto`` and MLflow's JSON
+    mapping make it, of `check_trace_info`'s ``info``: milliseconds in a Timestamp's RFC 3339
+    text and a Duration's seconds (``"2.500s"``); a preview only when given (one left out
+    keeps what the store has)."""
+    checked = check_trace_info(trace_id, info)
+    seconds, millis = divmod(checked["request_time_ms"], 1000)
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    duration = divmod(checked["execution_ms"], 1000)
+    body: dict[str, Any] = {
+        "trace_id": trace_id,
+        "trace_location": {
+            "type": "MLFLOW_EXPERIMENT",
+            "mlflow_experiment": {"experiment_id": experiment_id},
+        },
+        "request_time": f"{stamp}.{millis:03d}Z",
+        "execution_duration": f"{duration[0]}.{duration[1]:03d}s",
+        "state": checked["state"],
+        "trace_metadata": checked["metadata"],
+        "tags": checked["tags"],
+    }
+    for preview in ("request_preview", "response_preview"):
+        if checked[preview] is not None:
+            body[preview] = checked[preview]
     return body

@@ -4,8 +4,9 @@ Like OpenTelemetry's InMemorySpanExporter: it plugs into the worker in place of 
 (`MLflowSink(..., exporter=MemoryExporter())`), so the forwarding logic (ordering, bisecting,
 counting, retries) is tested fast and exhaustively. It behaves as MLflow's store does where
 that matters: an exact duplicate metric is dropped, a param logged again with another value
-is refused, a deleted experiment refuses everything, assessments need a stored trace, a
-feature the test took away (`lack`) raises FeatureUnsupported. The real-server tests stay.
+is refused, a deleted experiment refuses everything, assessments need a stored trace, trace
+info merges into the trace as StartTraceV3 does, a feature the test took away (`lack`) raises
+FeatureUnsupported. The real-server tests stay.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rlm_mlflow._exporter import (
     ASSESSMENTS,
     LOGGED_MODELS,
     MODEL_KEY_TAG,
+    TRACE_INFO,
     Exporter,
     FeatureUnsupported,
     HttpError,
@@ -30,6 +32,7 @@ from rlm_mlflow._exporter import (
 )
 from rlm_mlflow._payload import RUN_KEY_TAG, MetricRow
 from rlm_mlflow._tables import relative_artifact_path
+from rlm_mlflow._trace_info import check_trace_info
 
 
 @dataclass
@@ -63,6 +66,9 @@ class MemoryTrace:
     spans: list[dict[str, Any]] = field(default_factory=list)
     run_id: str | None = None  # linked to
     assessments: list[dict[str, Any]] = field(default_factory=list)
+    #: `set_trace_info`'s, merged: metadata and tags key by key, the rest replaced, a
+    #: preview only when given (None until the first call)
+    info: dict[str, Any] | None = None
 
 
 class MemoryExporter:
@@ -234,6 +240,22 @@ class MemoryExporter:
                 raise HttpError(404, "RESOURCE_DOES_NOT_EXIST", f"no trace {trace_id}")
             have = [(a["name"], a["kind"]) for a in trace.assessments]
             trace.assessments.extend(dict(a) for a in new_assessments(have, assessments))
+
+    def set_trace_info(self, trace_id: str, info: dict[str, Any]) -> None:
+        """As StartTraceV3 merges: into the stored trace, or a new one without spans."""
+        self._enter("set_trace_info", None, [info])
+        self._feature(TRACE_INFO)
+        checked = check_trace_info(trace_id, info)
+        with self._lock:
+            trace = self.traces.setdefault(trace_id, MemoryTrace(trace_id))
+            old = trace.info or {"metadata": {}, "tags": {}}
+            merged = {
+                **old,
+                **{k: v for k, v in checked.items() if v is not None},
+                "metadata": {**old["metadata"], **checked["metadata"]},
+                "tags": {**old["tags"], **checked["tags"]},
+            }
+            trace.info = merged
 
     def trace_of(self, key: str) -> MemoryTrace | None:
         """The trace of the run started with ``key`` (its start key), if any spans came."""
