@@ -166,6 +166,6 @@ def test_a_journalled_event_admitted_again_keeps_its_trajectory() -> None:
     journalled = decode(encode(once))  # what replay reads back
     again = [batcher.admit(event, 100)[0] for event in journalled]
     assert again == once
-    assert once[1].extra["span"]["inputs"]["code"].endswith("more characters]")
+    assert once[1].extra["span"]["inputs"]["code"].endswith("more characters]\n```")
     assert once[1].extra["usage"] == [120, 30, 1] and once[2].extra == {"usage": [120, 30, 1]}
     assert once[3].extra["usage"] == [120, 30, 1]

@@ -211,6 +211,9 @@ def assert_one_trace_with_every_step_once(readback: Readback, run_id: str) -> No
     assert trace.info.token_usage["input_tokens"] == 500
     assert steps_of(readback, run) == [1, 2, 3, 4, 5]
     assert run.data.metrics["total_prompt_tokens"] == 500
+    # its score as feedback, once each however often the journal was replayed
+    feedback = sorted((a.name, a.value) for a in trace.info.assessments)
+    assert feedback == [("completed", True), ("steps", 5), ("total_reward", 2.5)]
 
 
 def test_spans_travel_with_the_journal_whatever_the_replays_traces_setting(

@@ -40,9 +40,10 @@ def test_a_run_is_one_trace_in_its_runs_traces_tab(
     }
     assert [attribute(s, "rlm.step") for s in steps] == [1, 2, 3, 4, 5, 6]
     assert all(s.parent_id == root.span_id for s in steps)
-    code = steps[0].inputs["code"]
-    assert code.startswith(long_code[:120]) and code.endswith(" …[cut: 480 more characters]")
-    assert steps[0].outputs == {"success": True, "stdout": "out 1"}
+    code = steps[0].inputs["code"]  # a Markdown code block: the UI shows it as code
+    assert code.startswith("```python\n" + long_code[:120])
+    assert code.endswith(" …[cut: 480 more characters]\n```")
+    assert steps[0].outputs == {"success": True, "stdout": "```text\nout 1\n```"}
     assert attribute(steps[2], "rlm.cumulative_reward") == 1.5
     assert trace.info.token_usage == {"input_tokens": 600, "output_tokens": 60, "total_tokens": 660}
     # span times are the events' own: the steps follow one another inside the run's span
@@ -105,7 +106,12 @@ def test_a_trace_holds_at_most_max_spans_steps_and_counts_the_rest(
     run = readback.runs()["long"]
     (trace,) = traces_of(readback.client, run)
     root = next(s for s in trace.data.spans if s.parent_id is None)
-    assert len(trace.data.spans) == 1 + 5 and attribute(root, "rlm.steps_not_traced") == 3
+    assert len(trace.data.spans) == 1 + 5 + 1 and attribute(root, "rlm.steps_not_traced") == 3
+    # the first four steps and the last one; a span says which are not traced between them
+    traced = sorted(attribute(s, "rlm.step") for s in trace.data.spans if attribute(s, "rlm.step"))
+    assert traced == [1, 2, 3, 4, 8]
+    (gap,) = [s for s in trace.data.spans if s.name == "… 3 steps not traced"]
+    assert gap.inputs == {"first_step": 5, "last_step": 7} and gap.parent_id == root.span_id
     assert len(readback.history(run, "step_reward")) == 8  # every step's metrics all the same
 
 
@@ -212,7 +218,7 @@ def test_rlm_codes_real_runner_fills_the_traces_tab(
     assert len(runs) == RUN_COUNT
     for run in runs.values():
         (trace,) = traces_of(readback.client, run)
-        steps = [s for s in trace.data.spans if s.parent_id is not None]
+        steps = [s for s in trace.data.spans if attribute(s, "rlm.step") is not None]
         actions = [s.inputs["action"] for s in steps]  # the action the model chose, each step
         assert actions[-1] == "final" and "run_python" in actions
         assert all("code" in s.inputs for s in steps if s.inputs["action"] == "run_python")
@@ -273,8 +279,9 @@ def test_a_lone_surrogate_in_a_steps_text_is_replaced_and_its_span_lands(
     assert sorted(spans) == list(range(1, 51))  # every step's span, the repaired one too
     repaired = spans[25]
     assert repaired.name == "step 25: run\ufffd"
-    assert repaired.inputs == {"action": "run\ufffd", "code": "caf\ufffd done", "key\ufffd": 1}
-    assert repaired.outputs["stdout"] == "caf\ufffd done"
-    assert json.loads(repaired.outputs["nested"]) == ["caf\ufffd done"]
+    code = "```python\ncaf\ufffd done\n```"
+    assert repaired.inputs == {"action": "run\ufffd", "code": code, "key\ufffd": 1}
+    assert repaired.outputs["stdout"] == "```text\ncaf\ufffd done\n```"
+    assert repaired.outputs["nested"] == ["caf\ufffd done"]  # a list stays a list
     root = next(s for s in trace.data.spans if s.parent_id is None)
     assert root.outputs["final_response"] == "caf\ufffd done"

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from . import _spans as spans
+from . import _span_text as spans
 from ._limits import (
     MAX_PARAM_VALUE_CHARS,
     MAX_RUN_NAME_CHARS,

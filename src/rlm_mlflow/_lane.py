@@ -26,6 +26,7 @@ from ._exporter import Connection, TracesUnsupported, is_entity_error, is_transi
 from ._log import log
 from ._memory import StepSet
 from ._outcomes import Outcomes
+from ._trace_cap import TraceCap
 
 U = TypeVar("U")
 Span = spans_.Span
@@ -101,7 +102,7 @@ class Lane:
     resume: int = 0  # index in ``sending`` of the first event not counted yet
     resumed: bool = False  # sent again after a cut-off: find the run before creating it
     #: The trajectory state before the step group being sent (see `rewind`).
-    _mark: tuple[StepSet, list[int], int, int, float, list[tuple[str, str]]] | None = None
+    _mark: tuple[StepSet, list[int], TraceCap, float, list[tuple[str, str]]] | None = None
     completed: int = 0  # advanced only when a whole batch of pending events is done
     finished: int = 0  # events of this lane counted in Stats (see Outcomes.tally)
     running: bool = False
@@ -111,8 +112,7 @@ class Lane:
     # calls), the step spans sent and not, and the child runs started since the last step.
     last_time: float = 0.0
     tokens: list[int] = field(default_factory=lambda: [0, 0, 0])
-    traced: int = 0
-    untraced: int = 0
+    cap: TraceCap = field(default_factory=TraceCap)
     children: list[tuple[str, str]] = field(default_factory=list)
     # Whether the run is a trace: its events say so (with traces on, its start carries the
     # task and its steps a span), not the settings of the process sending it (a replay).
@@ -163,7 +163,7 @@ class Lane:
         rest = self.sending[self.resume :]
         self.completed += len(self.sending) - len(rest)
         if self._mark is not None:
-            seen, tokens, self.traced, self.untraced, self.last_time, children = self._mark
+            seen, tokens, self.cap, self.last_time, children = self._mark
             self.seen_steps, self.tokens, self.children, self._mark = seen, tokens, children, None
         self.sending, self.resumed = [], True
         return rest
@@ -219,8 +219,7 @@ class Lane:
         self._mark = (
             self.seen_steps.copy(),
             self.tokens[:],
-            self.traced,
-            self.untraced,
+            self.cap.copy(),
             self.last_time,
             self.children[:],
         )
@@ -297,11 +296,8 @@ class Lane:
         if detail is None or s.traces_unavailable is not None:
             return
         self.tracing = True
-        if self.traced >= s.max_spans:
-            self.untraced += 1  # counted on the run's span: the UI wants few, not all
-            return
-        self.traced += 1
-        span = spans_.step_span(
+        model = self.start.params.get("model") if isinstance(self.start.params, dict) else None
+        made = spans_.step_spans(
             self.start.key,
             step,
             self.last_time,
@@ -311,9 +307,14 @@ class Lane:
             detail,
             usage,
             self.children,
+            model if isinstance(model, str) else None,
+            s.ready().experiment_id,
         )
         self.children = []
-        spans.append((step, span))
+        # the UI wants few spans, not all: the first and the last steps, the rest a gap
+        spans.extend(
+            (step, span) for span in self.cap.add(s.max_spans, step, self.last_time, at, made)
+        )
 
     async def _send_rows(
         self, rows: list[payload.MetricRow], lost: dict[int, Exception], s: Sending
@@ -368,9 +369,11 @@ class Lane:
         if self.tracing and s.traces_unavailable is None:  # the run's span: outputs, link
             root_failed = await self._send_root(event, s)
             failed += root_failed
-            if not root_failed and s.traces_unavailable is None and not event.own:
+            if not root_failed and s.traces_unavailable is None:
                 trace = spans_.mlflow_trace_id(self.start.key)
-                failed += await run_extras.send_assessments(self, trace, s, event.extra or {})
+                failed += await run_extras.send_trace_info(self, trace, s, event)
+                if not event.own:
+                    failed += await run_extras.send_assessments(self, trace, s, event)
         if event.status != "KILLED" and (event.extra or {}).get("summary", True):
             rows = payload.admitted_summary_rows(event)
             for part, error in await s.bisect(
@@ -421,6 +424,12 @@ class Lane:
         if extra.get("final_response") is not None:
             outputs["final_response"] = extra["final_response"]
         parent = (self.parent.run_id, self.parent.start.key) if self.parent else None
+        top = self.top()
+        held, gap = self.cap.finish()
+        if gap is not None:
+            held.append(
+                spans_.gap_span(start.key, gap.first, gap.last, gap.count, gap.start, gap.end)
+            )
         root = spans_.root_span(
             start.key,
             self.run_id,
@@ -428,13 +437,19 @@ class Lane:
             event.time,
             {k: v for k, v in inputs.items() if v is not None},
             outputs,
-            self.untraced,
+            self.cap.untraced,
             parent,
             ok=event.status == "FINISHED",
+            root=(top.run_id, top.start.key),
+            user=s.ready().context_tags.get("mlflow.user"),
         )
         assert self.mlflow_id is not None
+        mlflow_id, connection = self.mlflow_id, s.ready()
+        batches = [held[i : i + SPANS_PER_CALL] for i in range(0, len(held), SPANS_PER_CALL)]
         try:
-            await s.ready().log_spans(self.mlflow_id, [root], True)
+            for batch in batches:  # the last steps and the gap, then the root: the trace ends
+                await connection.log_spans(mlflow_id, batch, False)
+            await connection.log_spans(mlflow_id, [root], True)
         except Exception as exc:
             if s.traces_refused(exc):
                 s.outcomes.stats.skipped += 1
@@ -442,6 +457,13 @@ class Lane:
             await s.outcomes.undeliverable(0, self, "log_spans", exc, [root])
             return [exc]
         return []
+
+    def top(self) -> Lane:
+        """The recursion's root run (this one, for a run without a parent)."""
+        top = self
+        while top.parent is not None:
+            top = top.parent
+        return top
 
     async def upload(self, path: str, s: Sending) -> list[Exception]:
         """A file (or a directory) as the run's artifact."""

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import _extras as extras
-from . import _spans as spans
+from . import _span_text as spans
 from ._event import RunEnd, RunEvent, RunStart, Step
 from ._limits import (
     MAX_KEY_CHARS,

@@ -10,10 +10,13 @@ part only, said once. What did not land is returned, for the run's end to count.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _payload as payload
+from . import _spans as spans_
+from . import _trace_info as trace_info
 from ._event import RunEnd
 from ._exporter import MODEL_KEY_TAG, FeatureUnsupported
 from ._limits import MAX_PARAMS_PER_BATCH
@@ -72,23 +75,65 @@ async def send_end(lane: Lane, event: RunEnd, s: Sending, upload: bool) -> list[
     return failed
 
 
-async def send_assessments(
-    lane: Lane, trace_id: str, s: Sending, extra: dict[str, Any]
-) -> list[Exception]:
-    """The trace's assessments (once its spans have landed)."""
+async def send_assessments(lane: Lane, trace_id: str, s: Sending, event: RunEnd) -> list[Exception]:
+    """The trace's assessments, once its spans have landed: CODE feedback ``total_reward``,
+    ``completed`` and ``steps`` of an RLM run, and those its end carries (a benchmark case's
+    ``answer_match``, its expected answer), which come first where a name is in both."""
+    extra = event.extra or {}
+    assessments = list(extra.get("assessments", []))
+    if extra.get("summary", True):
+        assessments += run_assessments(event)
     assessments = [
-        {
-            **a,
-            "source_type": "CODE",
-            "source_id": "rlm-mlflow",
-            "run_id": lane.mlflow_id,
-        }
-        for a in extra.get("assessments", [])
+        {**a, "source_type": "CODE", "source_id": "rlm-mlflow", "run_id": lane.mlflow_id}
+        for a in assessments
     ]
     if not assessments:
         return []
     call = s.ready().log_assessments(trace_id, assessments)
     return await _call(lane, s, "log_assessments", call, [a["name"] for a in assessments])
+
+
+async def send_trace_info(lane: Lane, trace_id: str, s: Sending, event: RunEnd) -> list[Exception]:
+    """What MLflow's trace list reads (its run, user, session, source, name, previews), once
+    the trace's spans have landed: one merge into the stored trace, the same on a replay."""
+    start, context = lane.start, s.ready().context_tags
+    task = (start.extra or {}).get("task")
+    metadata = {
+        trace_info.SOURCE_RUN: lane.mlflow_id,
+        trace_info.TRACE_SESSION: lane.top().run_id[:250],
+        trace_info.TRACE_USER: context.get("mlflow.user"),
+        **{k: v for k, v in context.items() if k.startswith("mlflow.source.")},
+    }
+    name = spans_.trace_name(lane.run_id, {"task": task, "environment": start.environment})
+    tags = {trace_info.TRACE_NAME: name, "rlm.run_id": lane.run_id}
+    tags["rlm.root_trace"] = spans_.mlflow_trace_id(lane.top().start.key)
+    if lane.parent is not None:
+        tags["rlm.parent_trace"] = spans_.mlflow_trace_id(lane.parent.start.key)
+    response = (event.extra or {}).get("final_response")
+    info = {
+        "metadata": {k: str(v) for k, v in metadata.items() if v is not None},
+        "tags": tags,
+        "request_time_ms": payload.timestamp_ms(start.time),
+        "execution_ms": max(0, payload.timestamp_ms(event.time) - payload.timestamp_ms(start.time)),
+        "state": "OK" if event.status == "FINISHED" else "ERROR",
+        "request_preview": task if isinstance(task, str) else None,
+        "response_preview": response if isinstance(response, str) else None,
+    }
+    call = s.ready().set_trace_info(trace_id, info)
+    return await _call(lane, s, "set_trace_info", call, [trace_id])
+
+
+def run_assessments(event: RunEnd) -> list[dict[str, Any]]:
+    """An RLM run's result as feedback (those of its values that are of their kind)."""
+    out: list[dict[str, Any]] = []
+    reward, steps = event.total_reward, event.steps
+    if isinstance(reward, (int, float)) and not isinstance(reward, bool) and math.isfinite(reward):
+        out.append({"name": "total_reward", "kind": "feedback", "value": float(reward)})
+    out.append({"name": "completed", "kind": "feedback", "value": bool(event.completed)})
+    number = isinstance(steps, (int, float)) and not isinstance(steps, bool)
+    if number and math.isfinite(steps) and steps >= 0:  # a summary metric by now: a float
+        out.append({"name": "steps", "kind": "feedback", "value": int(steps)})
+    return out
 
 
 async def _model(

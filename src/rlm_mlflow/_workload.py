@@ -107,9 +107,11 @@ def run_rlm(
             }
             for key, count in step_usage.items():
                 usage[key] += count
+            action = {"action": "run_python", "code": code, "rationale": f"step {step}"}
             event = {
                 "step": step,
-                "action": {"action": "run_python", "code": code, "rationale": f"step {step}"},
+                "action": action,
+                "planner_raw": json.dumps(action),  # the model's answer, as rlm-code keeps it
                 "observation": {
                     "success": reward > 0.5,
                     "stdout": f"{(a + b + c) / 3:.2f}" if step % 4 == 1 else "ok",
