@@ -92,6 +92,15 @@ def main() -> None:
     (trace,) = client.search_traces(
         ids, filter_string=f"tags.`rlm.run_id` = '{case.info.run_name}'"
     )
+    (stumbled,) = client.search_runs(  # model-b's failing step
+        ids, f"tags.`rlm.benchmark_id` = '{benchmarks[1]}' and tags.`rlm.case_id` = 'matches'"
+    )
+    (failed,) = client.search_traces(
+        ids, filter_string=f"tags.`rlm.run_id` = '{stumbled.info.run_name}'"
+    )
+    (recursive,) = client.search_runs(
+        ids, f"tags.`rlm.benchmark_id` = '{benchmarks[0]}' and tags.`rlm.case_id` = 'recursive'"
+    )
     print(
         json.dumps(
             {
@@ -99,6 +108,8 @@ def main() -> None:
                 "benchmarks": benchmarks,
                 "parent_runs": [r.info.run_id for r in parents],
                 "case_trace": trace.info.trace_id,
+                "failed_trace": failed.info.trace_id,
+                "session": recursive.info.run_name,
             }
         )
     )

@@ -287,7 +287,9 @@ def test_with_traces_on_each_case_is_a_trace_with_answer_match_as_feedback(
         found = {a.name: a for a in full.info.assessments}
         assert found["answer_match"].feedback.value is matched
         assert found["expected_answer"].expectation.value == "42"
-        assert len(full.data.spans) == 1 + run.data.metrics["steps"]  # the run's, a step's each
+        steps = [s for s in full.data.spans if s.attributes.get("rlm.step") is not None]
+        assert len(steps) == run.data.metrics["steps"]  # a step's span each (and its LLM span)
+        assert len(full.data.spans) == 1 + 2 * len(steps)
 
 
 def test_damaged_lines_are_skipped_and_named_and_the_rest_goes_on(

@@ -122,6 +122,11 @@ def test_spans_say_what_happened_and_show_code_and_lists_as_they_are(
     failed = steps[3]
     assert failed.status.status_code.value == "ERROR"
     assert failed.status.description == "AssertionError: 6 * 7 != 36"
+    (exception,) = failed.events  # OpenTelemetry's exception event: the UI's error section
+    assert exception.name == "exception"
+    assert exception.attributes["exception.type"] == "AssertionError"
+    assert exception.attributes["exception.message"] == "6 * 7 != 36"
+    assert exception.attributes["exception.stacktrace"].startswith("Traceback")
     assert all(steps[n].status.status_code.value == "OK" for n in (1, 2, 4))
     # code as a code block, its lines and indentation kept; lists and dicts as structures
     assert steps[2].inputs["code"] == f"```python\n{CODE}\n```"

@@ -152,7 +152,8 @@ def step_extra(extra: Any, limit: int) -> dict[str, Any] | None:
 def step_detail(event: Mapping[str, Any], limit: int) -> dict[str, Any]:
     """A step's span: ``name`` (its action), ``type`` (TOOL, or CHAIN for an action that
     runs nothing), ``inputs`` (the action; code fenced), ``outputs`` (the observation),
-    ``error`` (why it failed: its observation says ``success: false`` or has an error),
+    ``error`` (why it failed: its observation says ``success: false`` or has an error) and
+    ``stacktrace`` (its stderr),
     ``llm`` (the planner's answer, when the event carries it)."""
     action, observation = event.get("action"), event.get("observation", {})
     name = action.get("action") if isinstance(action, Mapping) else None
@@ -165,6 +166,9 @@ def step_detail(event: Mapping[str, Any], limit: int) -> dict[str, Any]:
     error = failure(observation)
     if error is not None:
         detail["error"] = cut(error, 500)
+        stderr = observation.get("stderr") if isinstance(observation, Mapping) else None
+        if isinstance(stderr, str) and stderr.strip():
+            detail["stacktrace"] = cut(stderr, limit)
     answer = event.get("planner_raw")
     if isinstance(answer, str) and answer:
         try:
@@ -217,8 +221,9 @@ def _plain_step_extra(extra: Mapping[str, Any]) -> dict[str, Any] | None:
     ):
         kept = {k: span[k] for k in ("name", "inputs", "outputs")}
         kept["type"] = span.get("type") if span.get("type") in ("TOOL", "CHAIN") else "CHAIN"
-        if isinstance(span.get("error"), str):
-            kept["error"] = span["error"]
+        for text in ("error", "stacktrace"):
+            if isinstance(span.get(text), str):
+                kept[text] = span[text]
         if isinstance(span.get("llm"), Mapping) and "response" in span["llm"]:
             kept["llm"] = {"response": span["llm"]["response"]}
         out["span"] = kept

@@ -144,6 +144,7 @@ def step_spans(
     span["attributes"] = attributes(attrs)
     if detail.get("error") is not None:
         span["status"] = {"code": ERROR, "message": str(detail["error"])}
+        span["events"] = [exception_event(str(detail["error"]), detail.get("stacktrace"), end)]
     if llm is None:
         return [span]
     call = _span(key, f"{step}/llm", step, "planner", start, end)
@@ -160,6 +161,24 @@ def step_spans(
         }
     )
     return [span, call]
+
+
+def exception_event(error: str, stacktrace: Any, at: float) -> dict[str, Any]:
+    """OpenTelemetry's exception event: MLflow's UI shows a span that has one as failed, with
+    its type, message and stack trace."""
+    name, _, rest = error.partition(":")
+    kind = name if rest and name.isidentifier() else "StepFailed"
+    return {
+        "timeUnixNano": _ns(at),
+        "name": "exception",
+        "attributes": attributes(
+            {
+                "exception.type": kind,
+                "exception.message": rest.strip() if kind == name else error,
+                "exception.stacktrace": stacktrace if isinstance(stacktrace, str) else None,
+            }
+        ),
+    }
 
 
 def gap_span(key: str, first: int, last: int, count: int, start: float, end: float) -> Span:
