@@ -188,6 +188,39 @@ def case_trace(page: Page, url: str, experiment: str, trace_id: str) -> None:
     page.screenshot(path=IMAGES / "benchmarks-trace-feedback.png")
 
 
+def traces(page: Page, url: str, experiment: str, failed: str) -> None:
+    """The trace list's own columns; a failed step marked, its error and its code; a
+    recursive run's traces as one session."""
+    page.goto(f"{url}/#/experiments/{experiment}/traces")
+    settle(page, 4000)
+    close_popups(page)
+    on = ("Trace name", "User", "Session", "Source", "Run name", "total_reward", "steps")
+    off = ("Time", "Output", "Duration", "Tags", "Tokens", "answer_match", "expected_answer")
+    for name in (*on, *off):
+        page.get_by_role("button", name="Display").first.click()
+        page.get_by_text("Columns", exact=True).last.hover()
+        item = page.get_by_role("menuitemcheckbox", name=name, exact=True).first
+        item.wait_for(state="visible")
+        if (item.get_attribute("aria-checked") == "true") != (name in on):
+            item.click()
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(300)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=IMAGES / "traces-list.png")
+    page.get_by_role("button", name="Group traces by session").click()
+    page.wait_for_timeout(2500)
+    page.screenshot(path=IMAGES / "traces-sessions.png")
+    page.goto(f"{url}/#/experiments/{experiment}/traces?selectedEvaluationId={failed}")
+    settle(page, 4000)
+    close_popups(page)
+    page.get_by_text("step 1: run_python", exact=True).first.click()
+    page.wait_for_timeout(1500)
+    page.screenshot(path=IMAGES / "traces-failed-step.png")
+    page.get_by_role("tab", name="Inputs / Outputs").click()
+    page.wait_for_timeout(1000)
+    page.screenshot(path=IMAGES / "traces-step-code.png")
+
+
 def logged_models(page: Page, url: str, experiment: str) -> None:
     page.goto(f"{url}/#/experiments/{experiment}/models")
     settle(page)
@@ -235,8 +268,9 @@ def shots(args: argparse.Namespace, url: str, data: dict[str, Any]) -> None:
         compare(page, url, experiment, data["parent_runs"])
         case_trace(page, url, experiment, data["case_trace"])
         logged_models(page, url, experiment)
+        traces(page, url, experiment, data["failed_trace"])
         browser.close()
-    print("\n".join(str(p) for p in sorted(IMAGES.glob("benchmarks-*.png"))), file=sys.stderr)
+    print("\n".join(str(p) for p in sorted(IMAGES.glob("*.png"))), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -167,14 +167,15 @@ def exception_event(error: str, stacktrace: Any, at: float) -> dict[str, Any]:
     """OpenTelemetry's exception event: MLflow's UI shows a span that has one as failed, with
     its type, message and stack trace."""
     name, _, rest = error.partition(":")
-    kind = name if rest and name.isidentifier() else "StepFailed"
+    named = name.isidentifier() and (bool(rest) or name.endswith(("Error", "Exception")))
+    kind = name if named else "StepFailed"
     return {
         "timeUnixNano": _ns(at),
         "name": "exception",
         "attributes": attributes(
             {
                 "exception.type": kind,
-                "exception.message": rest.strip() if kind == name else error,
+                "exception.message": (rest.strip() or error) if named else error,
                 "exception.stacktrace": stacktrace if isinstance(stacktrace, str) else None,
             }
         ),
