@@ -47,7 +47,8 @@ bench-rlm-code: $(STAMP)
 	$(PY) benchmarks/bench_rlm_code.py
 
 # The docs' pictures of MLflow's UI, from a real browser: needs a Python with playwright and
-# Debian's chromium (neither is one of our dependencies); writes docs/images/benchmarks-*.png.
+# Debian's chromium (neither is one of our dependencies); writes docs/images/benchmarks-*.png
+# and traces-*.png.
 PLAYWRIGHT_PYTHON ?= python3
 screenshots: $(STAMP)
 	$(PLAYWRIGHT_PYTHON) benchmarks/ui_shots.py --venv $(VENV)
