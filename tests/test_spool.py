@@ -200,11 +200,8 @@ def test_an_unreadable_ack_means_replay_everything_on_disk(tmp_path: Path, ack: 
     (journal_dir,) = tmp_path.glob("journal-*")
     (journal_dir / "ack.json").write_bytes(ack)
     (orphan,) = orphans(tmp_path)
-    runs = orphan.open_runs()
-    assert all(isinstance(r, RunStart) for r in runs)
-    assert list(orphan.records()) == [[start, *steps(0, 2)], steps(2, 2)] or ack.startswith(
-        b'{"segment": 1, "offset": 10'
-    )
+    assert orphan.open_runs() == []  # every run's start is among the records replayed
+    assert list(orphan.records()) == [[start, *steps(0, 2)], steps(2, 2)]
     orphan.release(remove=True)
 
 
@@ -358,7 +355,7 @@ def test_sinks_starting_at_once_on_one_spool_keep_their_own_journals(tmp_path: P
         for thread in starting:
             thread.join()
         dirs = [Path(sink.status()["spool"]) for sink in sinks]
-        assert all(d.is_dir() and d.parent == spool for d in dirs), dirs
+        assert len(dirs) == 2 and all(d.is_dir() and d.parent == spool for d in dirs), dirs
         for sink in sinks:
             sink.on_run_start("r", task="t", environment="e", params={})
             assert sink.close(timeout=30)

@@ -66,7 +66,8 @@ class Orphan:
 
 def read_ack(journal_dir: Path) -> tuple[Position, list[Any]]:
     """Where replay starts, and the runs open there. An ack that cannot be read (empty, torn,
-    garbage) says nothing: replay starts at the first record on disk."""
+    garbage, or naming an open run that is not a run start) says nothing: replay starts at the
+    first record on disk."""
     path = journal_dir / "ack.json"
     try:
         state = json.loads(path.read_bytes())
@@ -74,7 +75,11 @@ def read_ack(journal_dir: Path) -> tuple[Position, list[Any]]:
         open_runs = state.get("open_runs", [])
         if position[0] < 0 or position[1] < 0 or not isinstance(open_runs, list):
             raise ValueError("out of range")
-        return position, [fields for fields in open_runs if isinstance(fields, list)]
+        for fields in open_runs:  # a run start it cannot name: its steps would have no run
+            if not isinstance(fields, list):
+                raise ValueError(f"an open run that is not a run start: {str(fields)[:100]}")
+            RunStart(*fields)
+        return position, open_runs
     except FileNotFoundError:
         return (0, 0), []
     except (OSError, ValueError, TypeError, KeyError, RecursionError) as exc:
