@@ -239,9 +239,10 @@ def test_a_close_that_runs_out_still_ends_every_run_and_counts_every_event(
     run("never-ended", 1_000, end=False)
     ended_at = time.time()
     started = time.monotonic()
-    assert not hooks.sink.close(timeout=8)  # 161,017 events: more than 8 s of work here
+    # 161,017 events: far more than 2 s of work (the benchmarks deliver ~10,000 metrics/s)
+    assert not hooks.sink.close(timeout=2)
     took = time.monotonic() - started
-    assert took < 8 + 2
+    assert took < 2 + 8  # the deadline, and the last attempt's grace: never the whole backlog
     status = hooks.sink.status()
     calls = 8 * 20_002 + 1_001
     assert status["pending"] == 0 and accounted(status) == calls
@@ -405,7 +406,6 @@ print("exiting", time.monotonic(), flush=True)
 
 def test_exit_closes_every_live_sink_at_once_within_one_close_timeout() -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens: every close must time out
-    started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(UNREACHABLE.format(uri=uri))],
         capture_output=True,
@@ -414,10 +414,11 @@ def test_exit_closes_every_live_sink_at_once_within_one_close_timeout() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    took = time.monotonic() - started
-    exiting = float(done.stdout.split()[1])
-    assert exiting > 0
-    assert took < 3 * 4, f"exit took {took:.1f} s for 30 sinks of close_timeout 3"
+    # from the child's "exiting" (CLOCK_MONOTONIC is the machine's, the same in both
+    # processes) to its end: the closes at exit, without the interpreter's start
+    took = time.monotonic() - float(done.stdout.split()[1])
+    # one after the other they would take 30 x 3 s; together, about one close_timeout
+    assert took < 3 * 5, f"exit took {took:.1f} s for 30 sinks of close_timeout 3"
 
 
 def test_a_run_id_no_store_can_keep_is_rejected_at_once(embedded_uri: str, experiment: str) -> None:
