@@ -32,7 +32,7 @@ def test_step_rows_carry_the_hooks_step_time_and_values() -> None:
 @pytest.mark.parametrize(
     ("step", "reward", "why"),
     [
-        (-1, 1.0, "negative|out of range"),
+        (-1, 1.0, "out of range"),
         (1.5, 1.0, "not an integer"),
         ("3", 1.0, "not an integer"),
         (True, 1.0, "not an integer"),
