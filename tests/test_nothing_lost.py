@@ -239,10 +239,9 @@ def test_a_close_that_runs_out_still_ends_every_run_and_counts_every_event(
     run("never-ended", 1_000, end=False)
     ended_at = time.time()
     started = time.monotonic()
-    # 161,017 events: far more than 2 s of work (the benchmarks deliver ~10,000 metrics/s)
-    assert not hooks.sink.close(timeout=2)
+    assert not hooks.sink.close(timeout=8)  # 161,017 events: more than 8 s of work here
     took = time.monotonic() - started
-    assert took < 2 + 8  # the deadline, and the last attempt's grace: never the whole backlog
+    assert took < 8 + 2
     status = hooks.sink.status()
     calls = 8 * 20_002 + 1_001
     assert status["pending"] == 0 and accounted(status) == calls
