@@ -78,6 +78,25 @@ def experiment() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
+@contextlib.contextmanager
+def autologging(
+    monkeypatch: pytest.MonkeyPatch, tracking_uri: str, experiment: str, traces: bool = False
+) -> Iterator[None]:
+    """`rlm_mlflow.autolog()` on, configured from the variables rlm-code's users set."""
+    import rlm_mlflow
+
+    monkeypatch.setenv("DSPY_RLM_MLFLOW_ENABLED", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("DSPY_RLM_MLFLOW_EXPERIMENT", experiment)
+    if traces:
+        monkeypatch.setenv("DSPY_RLM_MLFLOW_TRACES", "true")
+    assert rlm_mlflow.autolog() is True
+    try:
+        yield
+    finally:
+        rlm_mlflow.autolog(disable=True)
+
+
 class Readback:
     """What a user would look at in MLflow, through MlflowClient."""
 

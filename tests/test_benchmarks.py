@@ -13,7 +13,7 @@ from typing import Any
 
 import mlflow
 import pytest
-from conftest import Readback
+from conftest import Readback, autologging
 from mlflow import MlflowClient
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from support.scripted_rlm import (
@@ -34,13 +34,8 @@ PRESET = "scripted_pack"
 def autologged(
     monkeypatch: pytest.MonkeyPatch, tracking_uri: str, experiment: str
 ) -> Iterator[None]:
-    monkeypatch.setenv("DSPY_RLM_MLFLOW_ENABLED", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    monkeypatch.setenv("DSPY_RLM_MLFLOW_EXPERIMENT", experiment)
-    monkeypatch.setenv("DSPY_RLM_MLFLOW_TRACES", "true")
-    assert rlm_mlflow.autolog() is True
-    yield
-    rlm_mlflow.autolog(disable=True)
+    with autologging(monkeypatch, tracking_uri, experiment, traces=True):
+        yield
 
 
 class CancellingConnector(ScriptedConnector):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Readback
+from conftest import Readback, autologging
 from mlflow import MlflowClient
 from support.scripted_rlm import (
     BENCH_CASES,
@@ -26,8 +26,6 @@ from support.scripted_rlm import (
     shutdown_interpreters,
     write_pack,
 )
-
-import rlm_mlflow
 
 CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 PRESET = "scripted_pack"
@@ -61,12 +59,8 @@ def no_sink_of_ours(monkeypatch: pytest.MonkeyPatch) -> None:
 def autologged(
     monkeypatch: pytest.MonkeyPatch, tracking_uri: str, experiment: str
 ) -> Iterator[None]:
-    monkeypatch.setenv("DSPY_RLM_MLFLOW_ENABLED", "true")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    monkeypatch.setenv("DSPY_RLM_MLFLOW_EXPERIMENT", experiment)
-    assert rlm_mlflow.autolog() is True
-    yield
-    rlm_mlflow.autolog(disable=True)
+    with autologging(monkeypatch, tracking_uri, experiment):
+        yield
 
 
 def write_benchmark(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
