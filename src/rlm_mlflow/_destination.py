@@ -1,6 +1,7 @@
 """Where a journal belongs: a tracking URI and an experiment, named in its ``meta.json``.
 
-A journal is replayed only to its own destination (DESIGN.md). Its writer names it in the
+A journal is replayed only to its own destination (docs/deployments.md, "A spool shared by
+several destinations"; docs/failure-behaviour.md, "Destinations"). Its writer names it in the
 form every reader compares, so that equal destinations compare equal: the tracking URI as a
 sink resolves it without importing mlflow (the URI given, else ``MLFLOW_TRACKING_URI``, else
 MLflow's default ``sqlite:///mlflow.db``), a relative SQLite or local path made absolute

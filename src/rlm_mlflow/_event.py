@@ -1,9 +1,11 @@
 """Events: small immutable records made by the hooks.
 
-Everything an event carries is captured when the hook is called (invariant 2 of DESIGN.md):
-the wall-clock time, the step and the values. Validation happens later, in the worker, so the
-hot path stays a tuple and an append. ``extra`` is what the trajectory (traces, token usage)
-needs beyond the metrics: references taken in the hook, made plain by the worker.
+Everything an event carries is captured when the hook is called (docs/how-it-works.md, "The
+hooks"): the wall-clock time, the step and the values, so that a retried batch is
+byte-identical to the first try (docs/failure-behaviour.md, promise 3). Validation happens
+later, in the worker, so the hot path stays a tuple and an append. ``extra`` is what the
+trajectory (traces, token usage) needs beyond the metrics: references taken in the hook, made
+plain by the worker.
 """
 
 from __future__ import annotations
