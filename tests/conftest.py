@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
-from support.servers import AuthServer, MlflowServer
+from support.servers import AuthServer, FaultProxy, MlflowServer
 
 from rlm_mlflow._log import RECORD_KEY, stdlib_logger
 
@@ -42,6 +42,13 @@ def capture_logs() -> Iterator[list[dict[str, Any]]]:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     with MlflowServer(tmp_path_factory.mktemp("server")) as server:
         yield server
+
+
+@pytest.fixture
+def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
+    """The loopback fault proxy in front of the session's server, fresh for each test."""
+    with FaultProxy(mlflow_server.port) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,19 +16,19 @@ from typing import Any
 
 import pytest
 from conftest import Readback
+from support.children import CLI, run_python
 from support.scripted_rlm import CHILD_STEPS, ROOT_STEPS, RUN_COUNT, ScriptedConnector, run_scripted
 
 import rlm_mlflow
 from rlm_mlflow import MLflowSink
 
 TESTS = Path(__file__).parent
-INSTRUMENT = str(Path(sys.executable).with_name("rlm-mlflow"))
 
 
 def instrument(*command: str, env: dict[str, str] | None = None) -> Any:
     """``rlm-mlflow instrument -- COMMAND...``, run to its end."""
     return subprocess.run(
-        [INSTRUMENT, "instrument", "--", *command],
+        [CLI, "instrument", "--", *command],
         capture_output=True,
         text=True,
         timeout=180,
@@ -244,17 +243,6 @@ def test_the_patched_name_stays_rlm_codes_class_for_isinstance_and_subclassing(
     assert isinstance(theirs, observability.MLflowSink)
 
 
-def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        check=False,
-    )
-
-
 def test_autolog_before_rlm_code_is_imported_patches_it_on_import() -> None:
     done = run_python(
         """
@@ -342,7 +330,7 @@ def test_instrument_passes_signals_through(tmp_path: Path) -> None:
         "time.sleep(60)\n"
     )
     process = subprocess.Popen(
-        [INSTRUMENT, "instrument", "--", sys.executable, "-c", code],
+        [CLI, "instrument", "--", sys.executable, "-c", code],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -496,7 +484,7 @@ def test_instrument_chains_to_the_sitecustomize_it_shadows(tmp_path: Path) -> No
 def test_instrument_without_a_command_or_with_a_missing_one_says_so() -> None:
     for argv, code in (([], 2), (["--"], 2), (["--", "no-such-command-xyz"], 127)):
         done = subprocess.run(
-            [INSTRUMENT, "instrument", *argv], capture_output=True, text=True, timeout=60
+            [CLI, "instrument", *argv], capture_output=True, text=True, timeout=60
         )
         assert done.returncode == code
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr

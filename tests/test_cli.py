@@ -3,17 +3,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from support.checks import snapshot
+from support.children import CLI
 from support.servers import MlflowServer
 
 from rlm_mlflow._event import RunStart, Step
 from rlm_mlflow._journal import Journal, journal_meta
-
-CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 
 
 def test_run_drives_a_recursive_benchmark_into_the_default_local_store(tmp_path: Path) -> None:
@@ -139,14 +138,6 @@ def test_every_setting_is_a_flag_whose_help_names_its_variable_and_default() -> 
     ]:
         assert flag in text
         assert f"env {env}, default {default}" in text
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, float]]:
-    """Every file under ``root`` with its size and modification time."""
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime)
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def test_status_is_read_only_and_says_what_a_sink_would_find(

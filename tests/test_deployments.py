@@ -13,20 +13,18 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Readback
-from support.checks import accounted, wait_until
+from support.checks import accounted, assert_exactly_once, wait_until
+from support.children import CLI
 from support.servers import AuthServer, FaultProxy, MlflowServer, free_port, make_certificate
 
 from rlm_mlflow import MLflowSink
 
-CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 #: rlm-code-shaped texts of about 4 KB (a program and its output).
 CODE = "for i in range(10):\n    print(i)\n" * 128
@@ -59,15 +57,6 @@ def refused(sink: MLflowSink) -> dict[str, Any]:
     )
 
 
-def assert_exactly_once(readback: Readback, run_id: str, steps: int) -> Any:
-    run = readback.runs()[run_id]
-    for key in ("step_reward", "cumulative_reward"):
-        assert [m.step for m in readback.history(run, key)] == list(range(steps)), key
-    assert run.data.metrics["steps"] == steps
-    assert run.info.status == "FINISHED"
-    return run
-
-
 def sync(spool: Path, uri: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [CLI, "sync", str(spool)],
@@ -77,12 +66,6 @@ def sync(spool: Path, uri: str, **env: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
-
-
-@pytest.fixture
-def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    with FaultProxy(mlflow_server.port) as proxy:
-        yield proxy
 
 
 # -- a 200 that is not MLflow's -----------------------------------------------------------------

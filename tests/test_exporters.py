@@ -7,7 +7,6 @@ exporter keeps the same behaviour in memory."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,12 +258,6 @@ def test_a_malformed_assessment_is_refused_before_anything_is_sent(exporter: Exp
 
 
 # -- a store without the features -----------------------------------------------------------
-
-
-@pytest.fixture
-def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    with FaultProxy(mlflow_server.port) as proxy:
-        yield proxy
 
 
 @pytest.mark.parametrize("status", [404, 405, 501])

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from conftest import Readback
 from mlflow import MlflowClient
+from support.checks import assert_exactly_once
+from support.children import CLI
 from support.servers import FaultProxy, MlflowServer, free_port
 
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._event import RunEnd, RunStart, Step
 from rlm_mlflow._journal import Journal, journal_meta
-
-CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 
 
 def paced_run(
@@ -51,16 +51,6 @@ def paced_run(
     return in_hooks
 
 
-def assert_exactly_once(readback: Readback, run_id: str, steps: int) -> Any:
-    run = readback.runs()[run_id]
-    for key in ("step_reward", "cumulative_reward"):
-        history = readback.history(run, key)
-        assert [m.step for m in history] == list(range(steps)), key
-    assert run.data.metrics["steps"] == steps
-    assert run.info.status == "FINISHED"
-    return run
-
-
 @pytest.fixture
 def own_server(tmp_path: Path) -> Iterator[MlflowServer]:
     """A server this test may kill and restart (the session's one stays untouched)."""
@@ -69,12 +59,6 @@ def own_server(tmp_path: Path) -> Iterator[MlflowServer]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture
-def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    with FaultProxy(mlflow_server.port) as proxy:
-        yield proxy
 
 
 def test_server_killed_mid_run_and_restarted_loses_nothing(

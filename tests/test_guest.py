@@ -4,29 +4,16 @@ host on SIGTERM (each case in a fresh interpreter)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from typing import Any
 
 import pytest
+from support.children import result_of, run_python
 from support.servers import MlflowServer, free_port
-
-
-def python(code: str, env: dict[str, str] | None = None, timeout: float = 120) -> Any:
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-        check=False,
-    )
-
 
 GUEST = """
 import json, os
@@ -58,10 +45,9 @@ print("RESULT", json.dumps({{
 def test_the_hosts_own_mlflow_keeps_its_defaults_and_we_print_nothing(
     mlflow_server: MlflowServer, experiment: str
 ) -> None:
-    done = python(GUEST.format(experiment=experiment, url=mlflow_server.url))
+    done = run_python(GUEST.format(experiment=experiment, url=mlflow_server.url))
     assert done.returncode == 0, done.stderr
-    (line,) = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    result = json.loads(line.removeprefix("RESULT "))
+    result = result_of(done)
     assert result == {"env_unchanged": True, "retries": 7, "timeout": 120, "suppress": False}
     # MLflow's lines for the host's own run; none for ours, nothing else at all from us
     others = [x for x in done.stdout.splitlines() if not x.startswith("RESULT ")]
@@ -86,7 +72,7 @@ assert sink.close(timeout=60)
 def test_the_host_decides_what_our_log_lines_look_like_and_can_silence_them(
     embedded_uri: str, experiment: str, level: str
 ) -> None:
-    done = python(HOST_LOGGING.format(experiment=experiment, url=embedded_uri, level=level))
+    done = run_python(HOST_LOGGING.format(experiment=experiment, url=embedded_uri, level=level))
     assert done.returncode == 0, done.stderr
     ours = [x for x in done.stderr.splitlines() if x.startswith("HOST rlm_mlflow ")]
     if level == "logging.INFO":

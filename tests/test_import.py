@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import pytest
 from conftest import Readback, autologging
 from mlflow import MlflowClient
+from support.checks import snapshot
+from support.children import CLI
 from support.scripted_rlm import (
     BENCH_CASES,
     CHILD_KEYS,
@@ -27,7 +28,6 @@ from support.scripted_rlm import (
     write_pack,
 )
 
-CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 PRESET = "scripted_pack"
 #: The parent's metrics, all from rlm-code's summary.
 PARENT_METRICS = (
@@ -107,12 +107,6 @@ def count(readback: Readback) -> int:
     """Every run of the experiment (`Readback.runs` would fold two with one run id)."""
     exp = readback.client.get_experiment_by_name(readback.experiment)
     return len(readback.client.search_runs([exp.experiment_id], max_results=5000))
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, float]]:
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime) for p in root.rglob("*")
-    }
 
 
 def case_runs(runs: dict[str, Any], bench_id: str) -> dict[str, Any]:

@@ -7,10 +7,6 @@ what a user would check in MLflow (through MlflowClient) is there.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -19,6 +15,8 @@ from typing import Any
 import pytest
 from conftest import Readback, capture_logs
 from mlflow import MlflowClient
+from support.checks import accounted
+from support.children import python_result, run_python
 from support.servers import free_port
 
 from rlm_mlflow import MLflowSink
@@ -27,13 +25,6 @@ from rlm_mlflow._event import RunStart, Step
 from rlm_mlflow._journal import Journal, journal_meta
 from rlm_mlflow._replay import sync
 from rlm_mlflow._settings import Settings
-
-COUNTERS = ("delivered", "rejected", "dead_lettered", "failed", "spooled", "dropped")
-
-
-def accounted(status: dict[str, Any]) -> int:
-    """The events a status() accounts for: each accepted hook call in exactly one counter."""
-    return sum(status[key] for key in COUNTERS)
 
 
 class Boom:
@@ -373,20 +364,7 @@ sinks.clear()  # dropped without close: the exit hook ends the 40 open runs as K
 def test_idle_sinks_let_their_threads_go_and_exit_ends_their_runs(
     embedded_uri: str, experiment: str
 ) -> None:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(IDLE.format(experiment=experiment, uri=embedded_uri)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    (line,) = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    result = json.loads(line.removeprefix("RESULT "))
+    result = python_result(IDLE.format(experiment=experiment, uri=embedded_uri), timeout=240)
     assert result["extra_threads"] == 0 and result["again"] == 3
     runs = Readback(embedded_uri, experiment).runs()
     assert len(runs) == 40 and all(r.info.status == "KILLED" for r in runs.values())
@@ -405,13 +383,7 @@ print("exiting", time.monotonic(), flush=True)
 
 def test_exit_closes_every_live_sink_at_once_within_one_close_timeout() -> None:
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens: every close must time out
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(UNREACHABLE.format(uri=uri))],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_python(UNREACHABLE.format(uri=uri))
     assert done.returncode == 0, done.stderr
     # from the child's "exiting" (CLOCK_MONOTONIC is the machine's, the same in both
     # processes) to its end: the closes at exit, without the interpreter's start

@@ -2,41 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import Readback
+from support.children import python_result, result_of, run_python
 from support.servers import MlflowServer
 
 from rlm_mlflow import MLflowSink
-
-
-def run_python(code: str, *, env_path: Path | None = None, timeout: float = 60) -> Any:
-    """Run ``code`` in a fresh interpreter; it prints one line ``RESULT <json>``."""
-    import os
-
-    env = dict(os.environ)
-    if env_path is not None:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(env_path), env.get("PYTHONPATH")]))
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    (result,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    return json.loads(result.removeprefix("RESULT "))
-
 
 HOOKS = """
 import json, threading, time
@@ -57,7 +35,7 @@ print("RESULT", json.dumps({"status": sink.status(), "hooks_s": hooks_s, "flushe
 
 def test_without_mlflow_the_sink_says_so_and_hooks_do_nothing() -> None:
     # sys.modules[name] = None is how Python itself marks a module as unimportable.
-    out = run_python("import sys; sys.modules['mlflow'] = None\n" + HOOKS)
+    out = python_result("import sys; sys.modules['mlflow'] = None\n" + HOOKS, timeout=60)
     assert out["status"] == {
         "name": "mlflow",
         "enabled": True,
@@ -76,7 +54,10 @@ def test_a_broken_mlflow_install_is_reported_and_events_are_counted_as_dropped(
     broken = tmp_path / "shadow" / "mlflow"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise ImportError('mlflow is half-installed')\n")
-    out = run_python(HOOKS, env_path=tmp_path / "shadow")
+    shadowed = [str(tmp_path / "shadow"), os.environ.get("PYTHONPATH")]  # first on sys.path
+    out = python_result(
+        HOOKS, env={"PYTHONPATH": os.pathsep.join(filter(None, shadowed))}, timeout=60
+    )
     status = out["status"]
     assert status["available"] is False
     assert status["detail"] == "unavailable: mlflow is half-installed"
@@ -89,7 +70,8 @@ def test_a_broken_mlflow_install_is_reported_and_events_are_counted_as_dropped(
 def test_a_process_that_forgets_to_close_still_delivers_at_exit(
     tracking_uri: str, experiment: str, readback: Readback, tmp_path: Path
 ) -> None:
-    out = run_python(f"""
+    out = python_result(
+        f"""
         import json
         from rlm_mlflow import MLflowSink
         sink = MLflowSink(True, experiment={experiment!r}, tracking_uri={tracking_uri!r},
@@ -105,7 +87,9 @@ def test_a_process_that_forgets_to_close_still_delivers_at_exit(
         sink.on_run_end("ended", result={{"completed": True, "steps": 500,
                                          "total_reward": 500.0}}, run_path=None)
         print("RESULT", json.dumps("exiting without close"))
-    """)
+    """,
+        timeout=60,
+    )
     assert out == "exiting without close"
     runs = readback.runs()
     assert runs["ended"].info.status == "FINISHED"
@@ -239,12 +223,9 @@ def test_the_sink_imports_and_works_without_the_posix_only_names(
         experiment=experiment,
         uri=embedded_uri,
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
-    )
+    done = run_python(code)
     assert done.returncode == 0, done.stderr
-    (line,) = [x for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    result = json.loads(line.removeprefix("RESULT "))
+    result = result_of(done)
     assert result == {"popped": [0, 1, 2], "delivered": [7, 7]}
     # the one piece that cannot work there is refused, in one clear line; the rest works
     assert "spool_dir refused: the sink runs without a spool" in done.stderr
@@ -288,7 +269,7 @@ def test_a_task_mode_sink_never_closed_still_ends_its_runs_at_exit(
     script = FORGOTTEN_TASK_SINK.format(
         experiment=experiment, uri=tracking_uri, backend=backend, enter=enter
     )
-    out = run_python(script)
+    out = python_result(script, timeout=60)
     assert out == "the loop is gone, the sink was never closed"
     run = readback.runs()["forgotten"]
     assert run.info.status == "KILLED"
@@ -324,7 +305,8 @@ def test_a_sigterm_inside_the_loop_of_a_task_mode_worker_leaves_that_sink_to_its
 ) -> None:
     # The handler cannot drive the loop it interrupts: it closes the other sinks, calls the
     # user's handler, and the task-mode sink goes on until its `async with` closes it.
-    out = run_python(SIGTERM_IN_THE_LOOP.format(experiment=experiment, uri=embedded_uri))
+    code = SIGTERM_IN_THE_LOOP.format(experiment=experiment, uri=embedded_uri)
+    out = python_result(code, timeout=60)
     assert out["threaded"] is True  # closed by the handler
     status = out["tasked"]
     assert status["closed"] and status["delivered"] == 22 and status["dropped"] == 0

@@ -12,10 +12,10 @@ from typing import Any
 from conftest import Readback
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.checks import COUNTERS
 
 from rlm_mlflow import MLflowSink
 
-COUNTERS = ("delivered", "rejected", "dead_lettered", "failed", "spooled", "dropped")
 VALID_IDS = ("run-a", "run-b", "run-c")
 
 

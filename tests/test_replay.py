@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from conftest import Readback
 from mlflow import MlflowClient
+from support.children import CLI, run_python
 from support.servers import FaultProxy, MlflowServer
 from support.trajectories import attribute, rlm_run, traces_of
 
@@ -25,8 +26,6 @@ from rlm_mlflow._event import RunStart, Step
 from rlm_mlflow._journal import Journal, journal_meta
 from rlm_mlflow._replay import sync
 from rlm_mlflow._settings import Settings
-
-CLI = str(Path(sys.executable).with_name("rlm-mlflow"))
 
 
 def cli_sync(spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -111,9 +110,7 @@ def test_a_spool_shared_by_two_destinations_sends_each_journal_to_its_own(
     with FaultProxy(mlflow_server.port) as proxy:  # destination A: a server, down for now
         proxy.down = True
         code = WRITER.format(experiment=a, uri=proxy.url, spool=str(spool), steps=100)
-        writer = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-        )
+        writer = run_python(code, check=True)
         assert json.loads(writer.stdout)["spooled"] == 102  # A's process is gone
         (journal_a,) = journals(spool)
 

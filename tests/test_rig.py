@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,12 +37,6 @@ def one_metric(run_id: str, step: int = 0) -> dict[str, object]:
         "run_id": run_id,
         "metrics": [{"key": "rig", "value": 1.0, "timestamp": 1_700_000_000_000, "step": step}],
     }
-
-
-@pytest.fixture
-def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    with FaultProxy(mlflow_server.port) as proxy:
-        yield proxy
 
 
 @pytest.fixture

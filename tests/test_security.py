@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Readback, capture_logs
-from support.servers import FaultProxy, MlflowServer
+from support.servers import FaultProxy
 
 from rlm_mlflow import MLflowSink
 
 PASSWORD = "pa55-w0rd-SECRET"
 TOKEN = "t0ken-SECRET-abcdef"
-
-
-@pytest.fixture
-def proxy(mlflow_server: MlflowServer) -> Iterator[FaultProxy]:
-    with FaultProxy(mlflow_server.port) as proxy:
-        yield proxy
 
 
 def test_passwords_and_tokens_are_redacted_everywhere(

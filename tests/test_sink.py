@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from conftest import Readback, capture_logs
+from support.trajectories import Result
 
 from rlm_mlflow import MLflowSink
-
-
-@dataclass
-class Result:
-    completed: bool
-    steps: int
-    total_reward: float
 
 
 def reward_at(run_id: str, step: int) -> float:

@@ -269,15 +269,9 @@ os.kill(os.getpid(), signal.SIGKILL)
 
 
 def test_with_fsync_never_a_killed_process_loses_nothing_it_journalled(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+    from support.children import run_python
 
-    done = subprocess.run(
-        [sys.executable, "-c", KILLED_WRITER.format(spool=str(tmp_path))],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(KILLED_WRITER.format(spool=str(tmp_path)), timeout=60)
     assert done.returncode == -9
     (orphan,) = orphans(tmp_path)
     assert [r[0].step for r in orphan.records()] == list(range(50)) and orphan.corrupt == 0

@@ -44,7 +44,7 @@ def traced_run(
         total += event["reward"]
         sink.on_step(run_id, event=event, cumulative_reward=total)
     usage = {"total_calls": 4, "prompt_tokens": 400, "completion_tokens": 40}
-    sink.on_run_end(run_id, result=Result(4, total, "42", usage), run_path=None)
+    sink.on_run_end(run_id, result=Result(True, 4, total, "42", usage), run_path=None)
 
 
 def recursive(sink: MLflowSink) -> None:
@@ -175,7 +175,7 @@ def test_beyond_the_span_cap_the_first_and_last_steps_and_a_gap(
     for step in range(1, 101):
         sink.on_step("long", event=step_event(step), cumulative_reward=0.5 * step)
     usage = {"total_calls": 100, "prompt_tokens": 10_000, "completion_tokens": 1_000}
-    sink.on_run_end("long", result=Result(100, 50.0, "done", usage), run_path=None)
+    sink.on_run_end("long", result=Result(True, 100, 50.0, "done", usage), run_path=None)
     assert sink.close(timeout=60) and sink.status()["delivered"] == 102
     run = readback.runs()["long"]
     (trace,) = traces_of(readback.client, run)

@@ -138,6 +138,7 @@ def test_a_503_storm_and_a_server_restart_lose_no_span_and_double_none(
                 sink.on_step("stormy", event=step_event(step), cumulative_reward=0.5 * step)
             server.start()
             rlm_run_end = Result(
+                True,
                 60,
                 30.0,
                 "done",
@@ -270,7 +271,7 @@ def test_a_lone_surrogate_in_a_steps_text_is_replaced_and_its_span_lands(
             event["observation"] = {"success": True, "stdout": broken, "nested": [broken]}
         sink.on_step("surrogate", event=event, cumulative_reward=0.5 * step)
     usage = {"total_calls": 50, "prompt_tokens": 5000, "completion_tokens": 500}
-    sink.on_run_end("surrogate", result=Result(50, 25.0, broken, usage), run_path=None)
+    sink.on_run_end("surrogate", result=Result(True, 50, 25.0, broken, usage), run_path=None)
     assert sink.close(timeout=60)
     status = sink.status()
     assert status["delivered"] == 52 and status["pending"] == 0

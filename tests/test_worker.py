@@ -23,18 +23,13 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from support.checks import accounted
 from support.memory import MemoryExporter
 
 from rlm_mlflow import MLflowSink
 from rlm_mlflow import _exporter as exporter_module
 from rlm_mlflow._event import RunStart, Step
 from rlm_mlflow._journal import Journal
-
-COUNTERS = ("delivered", "rejected", "dead_lettered", "failed", "spooled", "dropped")
-
-
-def counted(status: dict[str, Any]) -> int:
-    return sum(status[key] for key in COUNTERS)
 
 
 class Forwarding(RuleBasedStateMachine):
@@ -139,13 +134,13 @@ class Forwarding(RuleBasedStateMachine):
     def check_counts(self) -> None:
         status = self.sink.status()
         assert status["pending"] == 0, status
-        assert counted(status) == self.calls, status
+        assert accounted(status) == self.calls, status
 
     @invariant()
     def never_more_counted_than_called(self) -> None:
         if hasattr(self, "sink"):
             status = self.sink.status()
-            assert counted(status) + status["pending"] == self.calls
+            assert accounted(status) + status["pending"] == self.calls
 
     def teardown(self) -> None:
         if not hasattr(self, "sink"):

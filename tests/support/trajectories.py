@@ -3,6 +3,7 @@ and their traces as a user reads them back (MlflowClient.search_traces, get_trac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from mlflow import MlflowClient
@@ -22,10 +23,17 @@ def step_event(
     }
 
 
+@dataclass
 class Result:
-    def __init__(self, steps: int, total: float, final: str, usage: dict[str, int]) -> None:
-        self.completed, self.steps, self.total_reward = True, steps, total
-        self.final_response, self.usage_summary = final, usage
+    """The result rlm-code's runner hands on_run_end (the attributes the sink reads); a
+    result without ``final_response`` or ``usage_summary`` leaves them None, as the sink
+    reads an absent one."""
+
+    completed: bool
+    steps: int
+    total_reward: float
+    final_response: str | None = None
+    usage_summary: dict[str, int] | None = None
 
 
 def rlm_run(
@@ -49,7 +57,7 @@ def rlm_run(
         sink.on_step(run_id, event=step_event(step, code), cumulative_reward=total)
     usage = {"total_calls": steps, "prompt_tokens": 100 * steps, "completion_tokens": 10 * steps}
     sink.on_run_end(
-        run_id, result=Result(steps, total, f"answer of {run_id}", usage), run_path=None
+        run_id, result=Result(True, steps, total, f"answer of {run_id}", usage), run_path=None
     )
 
 
