@@ -3,13 +3,14 @@
 rlm-code's ``RLMObservability.default()`` builds its sinks from the environment and looks up
 ``MLflowSink`` by name in ``rlm_code.rlm.observability`` each time it runs. `autolog` rebinds
 that name (and ``rlm_code.rlm.MLflowSink``) to `AutologSink`, a subclass of rlm-code's class
-whose instances send through the sink `shared_sink` hands out: one of ours per destination
-(tracking URI + experiment), so every runner of the process shares one forwarder and one
-worker thread.
+whose instances send through the sink `shared_sink` (`_shared_sink`) hands out: one of ours
+per destination (tracking URI + experiment), so every runner of the process shares one
+forwarder and one worker thread.
 
 If rlm-code is not imported yet, an import hook does the rebinding the moment it is (so
 `autolog` never imports rlm-code itself: ``rlm-mlflow instrument`` calls it at the start of
-every Python process). Only the standard library is imported here until then.
+every Python process). Only the standard library (and `_shared_sink`, which imports nothing
+else until its first call) is imported here until then.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from ._shared_sink import shared_sink as shared_sink  # the sinks `AutologSink` sends through
+
 if TYPE_CHECKING:
     from importlib.machinery import ModuleSpec
-
-    from ._sink import MLflowSink
 
 #: Where `AutologSink` lives; imported once rlm-code's observability module is.
 SINK_MODULE = "rlm_mlflow._autolog_sink"
@@ -42,7 +43,6 @@ MODULES = (TARGET, RUNNER, BENCHMARKS)
 
 _lock = threading.RLock()
 _enabled = False
-_shared: dict[tuple[str | None, str], MLflowSink] = {}
 
 
 def autolog(disable: bool = False) -> bool:
@@ -86,29 +86,6 @@ def autolog(disable: bool = False) -> bool:
 def enabled() -> bool:
     """Whether `autolog` is in effect."""
     return _enabled
-
-
-def shared_sink(
-    enabled: bool = False, experiment: str | None = None, tracking_uri: str | None = None
-) -> MLflowSink:
-    """The sink every `AutologSink` of this destination sends through.
-
-    One live sink per destination for the whole process: a benchmark that builds a hundred
-    runners starts one worker. It is closed at exit like every sink; a destination whose
-    sink was closed meanwhile gets a new one.
-    """
-    from ._settings import DEFAULT_EXPERIMENT
-    from ._sink import MLflowSink
-
-    experiment = experiment or DEFAULT_EXPERIMENT
-    if not enabled:
-        return MLflowSink(False, experiment=experiment, tracking_uri=tracking_uri)
-    key = (tracking_uri, experiment)
-    with _lock:
-        sink = _shared.get(key)
-        if sink is None or sink.closed:
-            sink = _shared[key] = MLflowSink(True, experiment=experiment, tracking_uri=tracking_uri)
-        return sink
 
 
 def _patch(module: ModuleType) -> None:

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from rlm_code.rlm.observability import MLflowSink as RLMCodeSink
 
-from . import _benchmark as benchmark
-from ._autolog import shared_sink
+from ._bench_run import current
 from ._redact import redact_uri
+from ._shared_sink import shared_sink
 
 if TYPE_CHECKING:  # imported by the first shared_sink call, not by rlm-code's import
     from ._sink import MLflowSink
@@ -72,7 +72,7 @@ class AutologSink(RLMCodeSink):
             params = _with_model(params, getattr(runner, "llm_connector", None))
         tags: dict[str, str] = {}
         parent = None
-        bench = benchmark.current(runner)
+        bench = current(runner)
         if bench is not None:
             tags = {"rlm.benchmark_id": bench.id}
             case = bench.case
@@ -86,9 +86,9 @@ class AutologSink(RLMCodeSink):
         self.shared.on_step(run_id, event=event, cumulative_reward=cumulative_reward)
 
     def on_run_end(self, run_id: str, *, result: Any, run_path: Path | str | None) -> None:
-        """A benchmark case's run ends with its case (`_benchmark`), to carry the case's
+        """A benchmark case's run ends with its case (`_bench_run`), to carry the case's
         answer_match and duration; every other run at once."""
-        bench = benchmark.current(self._runner() if self._runner is not None else None)
+        bench = current(self._runner() if self._runner is not None else None)
         case = bench.case if bench is not None else None
         if case is not None and run_id == case.run_id:
             case.held_end = (result, run_path)

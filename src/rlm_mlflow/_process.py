@@ -1,11 +1,12 @@
 """The sinks' place in the host process: closed at exit and on SIGTERM, restarted after fork.
 
-Every live sink (not closed) is tracked here. At interpreter exit they are closed together,
-under one deadline, while threads can still be started (Python 3.12 refuses new threads in
-plain atexit callbacks; concurrent.futures uses the same hook): a task-mode sink whose event
-loop is gone gets a thread for its worker then. The SIGTERM handler, if the settings allow it,
-closes them and then does what the process did before. Strong references: a sink dropped
-without close() still has events in flight.
+Every live sink (not closed) registers itself here (`track`) as a `Tracked`: the registry
+needs no import of the sink's class. At interpreter exit they are closed together, under one
+deadline, while threads can still be started (Python 3.12 refuses new threads in plain atexit
+callbacks; concurrent.futures uses the same hook): a task-mode sink whose event loop is gone
+gets a thread for its worker then. The SIGTERM handler, if the settings allow it, closes them
+and then does what the process did before. Strong references: a sink dropped without close()
+still has events in flight.
 """
 
 from __future__ import annotations
@@ -13,38 +14,65 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Sequence
+from time import time
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from ._forwarder import Forwarder, close_all
 from ._log import log
 
-if TYPE_CHECKING:
-    from ._sink import MLflowSink
 
-_live_sinks: set[MLflowSink] = set()
+class Tracked(Protocol):
+    """What the registry asks of a sink (`MLflowSink` is one)."""
+
+    def worker_runs_in(self, thread: int) -> bool:
+        """Whether its worker runs as a task of an event loop in ``thread``."""
+
+    def restart_in_child(self) -> None:
+        """After os.fork(), in the child: start afresh, with nothing of the parent's."""
+
+    def prepare_close(self) -> Forwarder | None:
+        """Ready to close: the forwarder to close (None: it never started one)."""
+
+    def finish_close(self, started: float, timeout: float | None) -> None:
+        """After its forwarder's close (begun at ``started``, under ``timeout``)."""
 
 
-def track(sink: MLflowSink) -> None:
+_live_sinks: set[Tracked] = set()
+
+
+def track(sink: Tracked) -> None:
     _live_sinks.add(sink)
 
 
-def untrack(sink: MLflowSink) -> None:
+def untrack(sink: Tracked) -> None:
     _live_sinks.discard(sink)
+
+
+def close_sinks(sinks: Sequence[Tracked], timeout: float | None) -> bool:
+    """Close ``sinks`` at once, under one deadline (see `close_all`)."""
+    ready = [(sink, sink.prepare_close()) for sink in sinks]
+    open_ = [(sink, forwarder) for sink, forwarder in ready if forwarder is not None]
+    started = time()
+    done = close_all([forwarder for _, forwarder in open_], timeout)
+    for sink, _ in open_:
+        sink.finish_close(started, timeout)
+        untrack(sink)
+    return done
 
 
 def close_live_sinks() -> None:
     """At exit (or on SIGTERM): every sink the user did not close, concurrently. Except a
     task-mode sink whose worker runs in this very thread's event loop (a SIGTERM landing in
     it): nothing can drive that loop from here; its ``async with`` closes it."""
-    from ._sink import close_sinks
-
     here = threading.get_ident()
-    close_sinks([s for s in list(_live_sinks) if not s._worker_runs_in(here)], None)
+    close_sinks([s for s in list(_live_sinks) if not s.worker_runs_in(here)], None)
 
 
 def _restart_live_sinks_in_child() -> None:
     for sink in list(_live_sinks):
-        sink._restart_in_child()
+        sink.restart_in_child()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX: Windows does not fork

@@ -1,8 +1,9 @@
 """`MLflowSink`: rlm-code's sink contract (constructor, hooks, `status()`) on a forwarder.
 
-The three hooks are the hot path: each builds one event and puts it in the buffer. They never
-raise, never touch the network or the disk, and never import mlflow. The sink's place in the
-process (closed at exit and on SIGTERM, started afresh after fork) is `_process`.
+The hooks are the hot path (`_hooks`): each builds one event and puts it in the buffer. They
+never raise, never touch the network or the disk, and never import mlflow. The sink's place in
+the process (closed at exit and on SIGTERM, started afresh after fork) is `_process`, where
+each sink registers itself.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from time import time
 from typing import Any, Literal
-from uuid import uuid4
 
 import anyio
 import anyio.to_thread
@@ -23,17 +23,16 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from . import _process
 from ._deadletter import DeadLetters
-from ._event import RunEnd, RunStart, Step
-from ._exporter import Exporter
-from ._forwarder import Forwarder, close_all
-from ._limits import show
+from ._forwarder import Forwarder
+from ._hooks import Hooks
 from ._log import log
 from ._redact import redact_text, redact_uri
 from ._replay import SyncSummary, replay_own
 from ._settings import DEFAULT_EXPERIMENT, Settings, parse_bool
+from .exporters.base import Exporter
 
 
-class MLflowSink:
+class MLflowSink(Hooks):
     """Send RLM runs to MLflow: params and tags at start, two metrics per step, a summary at end.
 
     ``MLflowSink(enabled, experiment, tracking_uri)`` is rlm-code's constructor. Queue settings
@@ -65,7 +64,7 @@ class MLflowSink:
             Settings.from_env(**overrides) if settings is None else _replace(settings, overrides)
         )
         self._forwarder: Forwarder | None = None
-        self._buffer: Any = None  # the forwarder's buffer: the hooks' one attribute lookup
+        self._buffer = None  # the forwarder's buffer: the hooks' one attribute lookup
         self._exporter = exporter
         self._unavailable: str | None = None
         self._hook_errors = 0
@@ -108,14 +107,6 @@ class MLflowSink:
         if not self._task_mode:
             forwarder.worker.start()
 
-    def _restart_in_child(self) -> None:
-        """After os.fork(): the parent's queue, worker and journal stay the parent's. The child
-        starts empty (nothing of the parent's is sent twice) and has no runs open."""
-        if self._forwarder is not None:
-            self._forwarder.release_after_fork()
-        self._replayer = None
-        self._start_forwarder(replay_orphans=False)
-
     def _replay_orphans(self) -> None:
         """Deliver what dead processes left in the spool for this sink's destination (runs
         beside the live worker); other destinations' journals wait for `rlm-mlflow sync`."""
@@ -142,178 +133,6 @@ class MLflowSink:
             settings=Settings.from_env(env, **overrides),
         )
 
-    # -- hooks (hot path) --------------------------------------------------------------------
-
-    def on_run_start(
-        self, run_id: str, *, task: str, environment: str, params: dict[str, Any]
-    ) -> None:
-        buffer = self._buffer
-        if buffer is None:
-            return
-        try:  # a run's start is never dropped for room: its whole run hangs on it
-            extra = {"task": task} if self.settings.traces else None
-            buffer.put_boundary(
-                RunStart(
-                    run_id, time(), environment, _chars(task), _copy(params), uuid4().hex, extra
-                )
-            )
-        except Exception as exc:
-            self._hook_failed("on_run_start", run_id, exc)
-
-    def on_step(self, run_id: str, *, event: dict[str, Any], cumulative_reward: float) -> None:
-        buffer = self._buffer
-        if buffer is None:
-            return
-        try:  # tuple.__new__ straight: the NamedTuple's own __new__ is one more Python call
-            get = event.get
-            fields = (run_id, get("step"), get("reward"), cumulative_reward, time(), get("usage"))
-            buffer.put(_new(Step, fields))
-        except Exception as exc:
-            self._hook_failed("on_step", run_id, exc)
-
-    def _on_step_traced(
-        self, run_id: str, *, event: dict[str, Any], cumulative_reward: float
-    ) -> None:
-        """`on_step` with traces on: a shallow copy of the whole event (action, observation,
-        usage) goes with the step; the worker makes a span of it."""
-        buffer = self._buffer
-        if buffer is None:
-            return
-        try:
-            fields = (run_id, event.get("step"), event.get("reward"), cumulative_reward, time())
-            buffer.put(_new(Step, (*fields, dict(event))))
-        except Exception as exc:
-            self._hook_failed("on_step", run_id, exc)
-
-    def on_run_end(self, run_id: str, *, result: Any, run_path: Path | str | None) -> None:
-        buffer = self._buffer
-        if buffer is None:
-            return
-        try:  # never dropped for room either: the run would stay RUNNING
-            extra = {"usage_summary": _field(result, "usage_summary", None)}
-            if self.settings.traces:
-                extra["final_response"] = _field(result, "final_response", None)
-            buffer.put_boundary(
-                RunEnd(
-                    run_id,
-                    time(),
-                    _field(result, "completed", False),
-                    _field(result, "steps", 0),
-                    _field(result, "total_reward", 0.0),
-                    run_path,
-                    "FINISHED",
-                    extra,
-                )
-            )
-        except Exception as exc:
-            self._hook_failed("on_run_end", run_id, exc)
-
-    # -- runs that carry more than rlm-code's sink logs (benchmarks, imports) -----------------
-
-    def _start(
-        self,
-        run_id: str,
-        *,
-        task: Any,
-        environment: str,
-        params: dict[str, Any],
-        tags: dict[str, str] | None = None,
-        parent: str | None = None,
-        name: str | None = None,
-        at: float | None = None,
-    ) -> None:
-        """`on_run_start` with what `_extras` describes: extra tags, a parent run (by its
-        run id), a name, and a start time other than now (an imported run's)."""
-        buffer = self._buffer
-        if buffer is None:
-            return
-        extra: dict[str, Any] = {"tags": dict(tags or {})}
-        if self.settings.traces:
-            extra["task"] = task
-        if parent is not None:
-            extra["parent"] = parent
-        if name is not None:
-            extra["name"] = name
-        try:
-            start = RunStart(
-                run_id,
-                time() if at is None else at,
-                environment,
-                _chars(task),
-                _copy(params),
-                uuid4().hex,
-                extra,
-            )
-            buffer.put_boundary(start)
-        except Exception as exc:
-            self._hook_failed("on_run_start", run_id, exc)
-
-    def _step(
-        self, run_id: str, *, event: dict[str, Any], cumulative_reward: float, at: float
-    ) -> None:
-        """`on_step` at a time other than now (an imported step's): the same event, the
-        usage (or with traces the whole event) with it."""
-        buffer = self._buffer
-        if buffer is None:
-            return
-        try:
-            get = event.get
-            extra = dict(event) if self.settings.traces else get("usage")
-            fields = (run_id, get("step"), get("reward"), cumulative_reward, at, extra)
-            buffer.put(_new(Step, fields))
-        except Exception as exc:
-            self._hook_failed("on_step", run_id, exc)
-
-    def _end(
-        self,
-        run_id: str,
-        *,
-        result: Any,
-        run_path: Path | str | None = None,
-        status: str = "FINISHED",
-        at: float | None = None,
-        **extras: Any,
-    ) -> None:
-        """`on_run_end` with a status (FAILED, KILLED) and what `_extras` describes
-        (``metrics``, ``tags``, ``artifacts``, ``table``, ``model``, ``assessments``); a
-        ``result`` of None: a run with no RLM summary of its own (a benchmark)."""
-        buffer = self._buffer
-        if buffer is None:
-            return
-        try:
-            extra = {"usage_summary": _field(result, "usage_summary", None), **extras}
-            if self.settings.traces:
-                extra["final_response"] = _field(result, "final_response", None)
-            if result is None:
-                extra["summary"] = False
-            end = RunEnd(
-                run_id,
-                time() if at is None else at,
-                _field(result, "completed", False),
-                _field(result, "steps", 0),
-                _field(result, "total_reward", 0.0),
-                run_path,
-                status,
-                extra,
-            )
-            buffer.put_boundary(end)
-        except Exception as exc:
-            self._hook_failed("on_run_end", run_id, exc)
-
-    def _hook_failed(self, hook: str, run_id: Any, exc: Exception) -> None:
-        with self._hook_lock:  # hooks run on many threads; += is not atomic
-            self._hook_errors += 1
-        try:
-            detail = str(exc)[:200]
-        except Exception:  # an exception that cannot print itself
-            detail = "?"
-        log.warning(
-            "hook input rejected",
-            hook=hook,
-            run_id=run_id[:200] if isinstance(run_id, str) else show(run_id),
-            error=f"{type(exc).__name__}: {detail}",
-        )
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -336,7 +155,7 @@ class MLflowSink:
         delivered is counted failed (or spooled): nothing stays pending. Hooks called after
         close do nothing (each is counted as dropped).
         """
-        return close_sinks([self], timeout)
+        return _process.close_sinks([self], timeout)
 
     def __enter__(self) -> MLflowSink:
         return self
@@ -353,15 +172,6 @@ class MLflowSink:
     async def aclose(self, timeout: float | None = None) -> bool:
         """`close` without blocking the event loop."""
         return await anyio.to_thread.run_sync(self.close, timeout)
-
-    def _worker_runs_in(self, thread: int) -> bool:
-        """Whether the worker runs as a task of an event loop in ``thread``."""
-        forwarder = self._forwarder
-        return (
-            forwarder is not None
-            and forwarder.buffer.loop_thread == thread
-            and forwarder.worker.alive
-        )
 
     async def __aenter__(self) -> MLflowSink:
         """With ``worker="task"`` the worker runs as a task of this block's task group, in
@@ -392,6 +202,45 @@ class MLflowSink:
         finally:
             if self._task_group is not None:
                 await self._task_group.__aexit__(None, None, None)
+
+    # -- in the process (`_process.Tracked`: the registry's calls, not the caller's) -----------
+
+    def worker_runs_in(self, thread: int) -> bool:
+        """Whether the worker runs as a task of an event loop in ``thread``."""
+        forwarder = self._forwarder
+        return (
+            forwarder is not None
+            and forwarder.buffer.loop_thread == thread
+            and forwarder.worker.alive
+        )
+
+    def restart_in_child(self) -> None:
+        """After os.fork(): the parent's queue, worker and journal stay the parent's. The child
+        starts empty (nothing of the parent's is sent twice) and has no runs open."""
+        if self._forwarder is not None:
+            self._forwarder.release_after_fork()
+        self._replayer = None
+        self._start_forwarder(replay_orphans=False)
+
+    def prepare_close(self) -> Forwarder | None:
+        """The forwarder to close (None: none was started). A task-mode sink closed while no
+        event loop runs its worker (``async with`` never entered, or its loop gone, as at
+        exit): the worker runs in a thread of its own from now on, so the close still
+        delivers and ends the runs."""
+        forwarder = self._forwarder
+        if not self._task_mode or forwarder is None or forwarder.closing is not None:
+            return forwarder
+        with _handover:
+            if not forwarder.worker.alive:
+                forwarder.buffer.loop_thread = None  # hooks may block again: no loop to freeze
+                forwarder.worker.start()
+        return forwarder
+
+    def finish_close(self, started: float, timeout: float | None) -> None:
+        """The start-up replay gets what is left of the close's deadline to finish."""
+        if self._replayer is not None:
+            limit = self.settings.close_timeout if timeout is None else timeout
+            self._replayer.join(max(0.0, started + limit - time()))
 
     # -- status ------------------------------------------------------------------------------
 
@@ -455,68 +304,8 @@ def _dead_letter_path(settings: Settings) -> Path:
     return Path("rlm-mlflow-dead-letter.jsonl").absolute()
 
 
-_new = tuple.__new__
-
-
-def _field(result: Any, name: str, default: Any) -> Any:
-    """rlm-code's sink reads the result's attributes; a mapping works too. A result that cannot be
-    read gives None (the worker then leaves that summary value out, and says so)."""
-    try:
-        if isinstance(result, Mapping):
-            return result.get(name, default)
-        return getattr(result, name, default)
-    except Exception:
-        return None
-
-
-def _chars(task: Any) -> int | None:
-    """``len(task)``, rlm-code's ``task_chars``; None when it has no length."""
-    try:
-        return len(task)
-    except Exception:
-        return None
-
-
-def _copy(params: Any) -> Any:
-    """A shallow copy taken in the hook (the caller may change its dict afterwards); what
-    cannot be copied goes as it is, and the worker says it is not a mapping."""
-    try:
-        return dict(params)
-    except Exception:
-        return params
-
-
 def _replace(settings: Settings, overrides: dict[str, Any]) -> Settings:
     return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
 _handover = threading.Lock()
-
-
-def _worker_without_loop(sink: MLflowSink) -> None:
-    """A task-mode sink closed while no event loop runs its worker (``async with`` never
-    entered, or its loop gone, as at exit): the worker runs in a thread of its own from now
-    on, so the close still delivers and ends the runs."""
-    forwarder = sink._forwarder
-    if not sink._task_mode or forwarder is None or forwarder.closing is not None:
-        return
-    with _handover:
-        if not forwarder.worker.alive:
-            forwarder.buffer.loop_thread = None  # hooks may block again: no loop to freeze
-            forwarder.worker.start()
-
-
-def close_sinks(sinks: list[MLflowSink], timeout: float | None) -> bool:
-    """Close ``sinks`` at once, under one deadline (see `close_all`)."""
-    open_ = [s for s in sinks if s._forwarder is not None]
-    for sink in open_:
-        _worker_without_loop(sink)
-    forwarders = [s._forwarder for s in open_ if s._forwarder is not None]
-    started = time()
-    done = close_all(forwarders, timeout)
-    for sink in open_:
-        if sink._replayer is not None:
-            limit = sink.settings.close_timeout if timeout is None else timeout
-            sink._replayer.join(max(0.0, started + limit - time()))
-        _process.untrack(sink)
-    return done
