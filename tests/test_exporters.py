@@ -18,25 +18,23 @@ from support.memory import MemoryExporter
 from support.servers import FaultProxy, MlflowServer
 
 from rlm_mlflow import _spans
-from rlm_mlflow._exporter import (
+from rlm_mlflow._connect import Connection, RetryPolicy, connect
+from rlm_mlflow._settings import Settings
+from rlm_mlflow._tables import LOGGED_ARTIFACTS_TAG, logged_artifacts_tag, table_artifact
+from rlm_mlflow._trace_info import check_trace_info
+from rlm_mlflow.exporters.base import (
     ASSESSMENTS,
     LOGGED_MODELS,
     MODEL_KEY_TAG,
     TRACE_INFO,
-    Connection,
     Exporter,
     FeatureUnsupported,
     HttpError,
-    RetryPolicy,
-    connect,
     is_entity_error,
     is_http,
     is_kept,
     is_transient,
 )
-from rlm_mlflow._settings import Settings
-from rlm_mlflow._tables import LOGGED_ARTIFACTS_TAG, logged_artifacts_tag, table_artifact
-from rlm_mlflow._trace_info import check_trace_info
 
 COLUMNS = ["case_id", "completed", "steps", "total_reward", "error"]
 ROWS: list[list[Any]] = [

@@ -236,7 +236,7 @@ def test_a_batch_of_spans_sent_twice_to_the_embedded_store_lands_once_unchanged(
     import copy
 
     from rlm_mlflow import _spans
-    from rlm_mlflow._mlflow_client import MlflowClientExporter
+    from rlm_mlflow.exporters.mlflow_client import MlflowClientExporter
 
     client = MlflowClient(embedded_uri)
     exporter = MlflowClientExporter(client)

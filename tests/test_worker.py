@@ -27,7 +27,7 @@ from support.checks import accounted
 from support.memory import MemoryExporter
 
 from rlm_mlflow import MLflowSink
-from rlm_mlflow import _exporter as exporter_module
+from rlm_mlflow import _connect as exporter_module
 from rlm_mlflow._event import RunStart, Step
 from rlm_mlflow._journal import Journal
 

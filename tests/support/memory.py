@@ -18,21 +18,22 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from rlm_mlflow import _spans
-from rlm_mlflow._exporter import (
+from rlm_mlflow._payload import RUN_KEY_TAG, MetricRow
+from rlm_mlflow._tables import relative_artifact_path
+from rlm_mlflow._trace_info import check_trace_info
+from rlm_mlflow.exporters.base import (
     ASSESSMENTS,
     LOGGED_MODELS,
     MODEL_KEY_TAG,
     TRACE_INFO,
     Exporter,
+    ExporterClosed,
     FeatureUnsupported,
     HttpError,
     Misconfigured,
     Unreachable,
     new_assessments,
 )
-from rlm_mlflow._payload import RUN_KEY_TAG, MetricRow
-from rlm_mlflow._tables import relative_artifact_path
-from rlm_mlflow._trace_info import check_trace_info
 
 
 @dataclass
@@ -87,6 +88,7 @@ class MemoryExporter:
         self.lacking: set[str] = set()  # features this store lacks (`lack`)
         self.calls: list[tuple[str, str | None]] = []  # (call, mlflow run id), in order
         self.deleted = False
+        self.closed = False  # `close`: calls raise ExporterClosed, as a real exporter's may
         self.refuse: Callable[[str, Any], bool] | None = None
         self._scripted: dict[str, list[Exception]] = {}
         self._ids = itertools.count(1)
@@ -121,8 +123,16 @@ class MemoryExporter:
         with self._lock:
             self._scripted.setdefault(call, []).extend([Unreachable("scripted reset")] * times)
 
+    def close(self) -> None:
+        """As a real exporter's close: a call after it raises ExporterClosed, and is not
+        recorded; what was stored stays readable. Closing again does nothing more."""
+        with self._lock:
+            self.closed = True
+
     def _enter(self, call: str, run_id: str | None, entities: Sequence[Any] = ()) -> None:
         with self._lock:
+            if self.closed:
+                raise ExporterClosed(f"{call}: the memory exporter is closed")
             self.calls.append((call, run_id))
             scripted = self._scripted.get(call)
             if scripted:

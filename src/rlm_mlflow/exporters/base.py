@@ -1,48 +1,25 @@
-"""The seam to MLflow: the `Exporter` protocol, `connect`, and the async face the lanes call.
+"""The seam to MLflow: the `Exporter` protocol, the failures an exporter raises and what
+each means (retried, kept, refused), and the limits and names the exporters share.
 
 Two real exporters plug in (and, in tests, an in-memory one):
 
-- `RestExporter` (`_rest`) for tracking servers (``http(s)://``, and any store MLflow
+- `RestExporter` (`exporters.rest`) for tracking servers (``http(s)://``, and any store MLflow
   reaches over its REST API): the REST JSON built straight from our rows, sent with MLflow's
   own host credentials and request helper, our timeout, no inner retries.
-- `MlflowClientExporter` (`_mlflow_client`) for every other store (embedded ``sqlite:///``, ``postgresql://``,
-  a file store): ``MlflowClient`` calls.
+- `MlflowClientExporter` (`exporters.mlflow_client`) for every other store (embedded
+  ``sqlite:///``, ``postgresql://``, a file store): ``MlflowClient`` calls.
 
-Exporter calls are blocking; `Connection` runs them in threads under one capacity limiter
-and retries transient failures with one `RetryPolicy` (honouring a 429/503's Retry-After),
-the same one the worker connects with.
-mlflow is imported here, in the worker, never on the caller's thread, and nothing here
-changes process-wide state: no ``os.environ`` writes, no global tracking URI.
+Which one a store gets, and the retries around their calls, are `_connect`'s. This module
+imports none of the exporters, nor mlflow.
 """
 
 from __future__ import annotations
 
-# mlflow's import pulls in concurrent.futures.thread, which registers a thread-shutdown hook and
-# fails once the interpreter is exiting. Importing it now keeps the close at exit working when
-# the worker is still importing mlflow then (a short script that never called close()).
-import concurrent.futures.thread  # noqa: F401
-import functools
 import json
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from functools import partial
-from typing import Any, Protocol, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
-import anyio
-import anyio.to_thread
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception,
-    stop_after_delay,
-    stop_never,
-    wait_random_exponential,
-)
-
-from ._log import log
-from ._payload import RUN_KEY_TAG, MetricRow
-from ._settings import Settings
-
-T = TypeVar("T")
+from .._payload import RUN_KEY_TAG, MetricRow
 
 #: HTTP statuses worth a retry: timeout, rate limit, and the server's own failures.
 TRANSIENT_HTTP = frozenset({408, 429, 500, 502, 503, 504})
@@ -112,9 +89,15 @@ class ExperimentDeleted(Exception):
         self.name, self.experiment_id = name, experiment_id
 
 
+class ExporterClosed(Exception):
+    """A call after the exporter was closed (`Exporter.close`): never sent. Nothing is wrong
+    with its events, and trying again will not help: they are kept (spooled, else counted
+    failed), as an unreachable store's are."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """Connection trouble and 408/429/5xx are transient; anything else (400s) is permanent."""
-    if isinstance(exc, Misconfigured):
+    if isinstance(exc, (Misconfigured, ExporterClosed)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -136,7 +119,10 @@ def is_entity_error(exc: BaseException) -> bool:
     that is the same for every value: transient, a configuration error, no traces, a deleted
     experiment. A local store's own exception (its database or encoder refusing a value)
     counts as a refused value."""
-    if isinstance(exc, (Misconfigured, TracesUnsupported, FeatureUnsupported, ExperimentDeleted)):
+    if isinstance(
+        exc,
+        (Misconfigured, TracesUnsupported, FeatureUnsupported, ExperimentDeleted, ExporterClosed),
+    ):
         return False
     if is_transient(exc):
         return False
@@ -151,7 +137,7 @@ def is_entity_error(exc: BaseException) -> bool:
 def is_kept(exc: BaseException) -> bool:
     """Whether the events of a failed call are kept (spooled, else counted failed) rather than
     dead-lettered: nothing was wrong with them."""
-    return is_transient(exc) or isinstance(exc, Misconfigured)
+    return is_transient(exc) or isinstance(exc, (Misconfigured, ExporterClosed))
 
 
 def is_http(uri: str) -> bool:
@@ -159,7 +145,8 @@ def is_http(uri: str) -> bool:
 
 
 class Exporter(Protocol):
-    """Blocking calls to one MLflow experiment (run in worker threads by `Connection`)."""
+    """Blocking calls to one MLflow experiment (run in worker threads by `Connection`), until
+    `close`."""
 
     tracking_uri: str
     experiment_id: str
@@ -228,6 +215,11 @@ class Exporter(Protocol):
         stored yet it makes one without spans. FeatureUnsupported(TRACE_INFO)."""
         ...
 
+    def close(self) -> None:
+        """Release what the exporter holds (an HTTP session); a second close does nothing. A
+        call after it may raise `ExporterClosed`; one already running may still finish."""
+        ...
+
 
 #: Assessment kinds and sources MLflow takes (``AssessmentSource.SourceType``).
 ASSESSMENT_KINDS = frozenset({"feedback", "expectation"})
@@ -278,38 +270,6 @@ def new_assessments(
     return fresh
 
 
-def connect(tracking_uri: str | None, experiment: str, settings: Settings) -> Exporter:
-    """Import mlflow, pick the exporter for the store, find or create the experiment.
-
-    Raises ImportError when mlflow cannot be imported, ExperimentDeleted when the experiment
-    is deleted (and the settings do not allow restoring it)."""
-    try:
-        from mlflow.store.tracking.rest_store import RestStore
-        from mlflow.tracking import MlflowClient
-        from mlflow.tracking._tracking_service.utils import _get_store, _resolve_tracking_uri
-    except Exception as exc:  # a broken install fails in many ways: all mean "unavailable"
-        raise ImportError(str(exc)) from exc
-    from ._mlflow_client import MlflowClientExporter
-    from ._rest import RestExporter
-
-    uri = _resolve_tracking_uri(tracking_uri)
-    exporter: RestExporter | MlflowClientExporter
-    if is_http(uri):
-        # What MLflow's store registry builds for an http(s) URI, without the registry: it
-        # builds every store under one process-wide lock, which a database that does not
-        # answer holds for minutes (MLflow's own engine retries), for every other sink too.
-        from mlflow.utils.credentials import get_default_host_creds
-
-        creds = partial(get_default_host_creds, uri)
-        exporter = RestExporter(uri, creds, settings.request_timeout)
-    elif isinstance(store := _get_store(uri), RestStore):  # databricks and the like
-        exporter = RestExporter(uri, store.get_host_creds, settings.request_timeout)
-    else:
-        exporter = MlflowClientExporter(MlflowClient(uri))
-    exporter.experiment_id = exporter.experiment(experiment, settings.restore_deleted_experiment)
-    return exporter
-
-
 def key_filter(key: str) -> str:
     return f"tags.`{RUN_KEY_TAG}` = '{key}'"
 
@@ -320,181 +280,3 @@ MODEL_KEY_TAG = "rlm_mlflow.model_key"
 
 def model_key_filter(key: str) -> str:
     return f"tags.`{MODEL_KEY_TAG}` = '{key}'"
-
-
-@functools.cache
-def context_tags() -> dict[str, str]:
-    """The tags ``mlflow.start_run`` adds from the process's context (``mlflow.user``,
-    ``mlflow.source.name``/``type``, ``mlflow.source.git.commit`` in a repository), so the
-    run page shows "Created by" and "Source". Resolved once per process, by MLflow's own
-    resolver; without them a run is still created."""
-    try:
-        from mlflow.tracking.context.registry import resolve_tags
-
-        return {str(k): str(v) for k, v in resolve_tags().items()}
-    except Exception as exc:
-        log.warning("mlflow's context tags could not be resolved", error=str(exc)[:300])
-        return {}
-
-
-#: Seconds before a call refused for a configuration reason is tried again: doubling from the
-#: first to the last, so a fixed credential or URI is picked up without a restart, and a
-#: refusing server is not hammered meanwhile.
-MISCONFIGURED_RETRY_S = (2.0, 30.0)
-
-
-class RetryPolicy:
-    """The one retry policy of every call to MLflow, connecting included: transient failures
-    with exponential backoff and jitter (capped at 10 s), or the server's Retry-After when it
-    asked for more, up to the deadline; configuration errors slowly, until they go away."""
-
-    def __init__(
-        self,
-        deadline: float,
-        before_sleep: Callable[[RetryCallState], None],
-        *,
-        misconfigured: Callable[[Misconfigured], None] = lambda exc: None,
-        answered: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.deadline = deadline
-        self.before_sleep = before_sleep
-        self.misconfigured = misconfigured  # told of each configuration refusal
-        self.answered = answered  # told of each call that got MLflow's answer
-        #: A close's last attempt: a configuration error is not waited out, so that every
-        #: run still gets its ``set_terminated`` tried before the deadline.
-        self.closing = False
-        self._backoff = wait_random_exponential(multiplier=0.25, max=10)
-
-    def wait(self, state: RetryCallState) -> float:
-        backoff = float(self._backoff(state))
-        exc = state.outcome.exception() if state.outcome else None
-        retry_after = getattr(exc, "retry_after", None)
-        return max(backoff, retry_after) if retry_after is not None else backoff
-
-    def attempts(
-        self,
-        *,
-        retry_on: Callable[[BaseException], bool] = is_transient,
-        forever: bool = False,
-        before_sleep: Callable[[RetryCallState], None] | None = None,
-    ) -> AsyncRetrying:
-        """Attempts until one works, the failure is not worth a retry (``retry_on``), or the
-        deadline passes (``forever``: until cancelled)."""
-        return AsyncRetrying(
-            stop=stop_never if forever else stop_after_delay(self.deadline),
-            wait=self.wait,
-            retry=retry_if_exception(retry_on),
-            sleep=anyio.sleep,
-            before_sleep=before_sleep or self.before_sleep,
-            reraise=True,
-        )
-
-    async def run(
-        self,
-        call: Callable[[], Awaitable[T]],
-        *,
-        retry_on: Callable[[BaseException], bool] = is_transient,
-        forever: bool = False,
-        before_sleep: Callable[[RetryCallState], None] | None = None,
-    ) -> T:
-        """``call()`` under the policy: `attempts` for what ``retry_on`` accepts; a
-        configuration error (never one of those) is tried again at `MISCONFIGURED_RETRY_S`'s
-        pace for as long as it lasts (the caller's cancel scope ends it: a close), except in
-        a close's last attempt (`closing`)."""
-        pause = MISCONFIGURED_RETRY_S[0]
-        while True:
-            try:
-                async for attempt in self.attempts(
-                    retry_on=retry_on, forever=forever, before_sleep=before_sleep
-                ):
-                    with attempt:
-                        result = await call()
-            except Misconfigured as exc:
-                self.misconfigured(exc)
-                if self.closing:
-                    raise
-                await anyio.sleep(pause)
-                pause = min(2 * pause, MISCONFIGURED_RETRY_S[1])
-                continue
-            self.answered()
-            return result
-
-
-class Connection:
-    """The async face of one exporter: calls run in threads, at most ``max_in_flight`` at
-    once (one for a local store), failures retried by the `RetryPolicy`."""
-
-    def __init__(self, exporter: Exporter, max_in_flight: int, policy: RetryPolicy) -> None:
-        self.exporter = exporter
-        self.experiment_id = exporter.experiment_id
-        self.tracking_uri = exporter.tracking_uri
-        self.context_tags = context_tags()
-        # A local store (sqlite file) serialises writes anyway; parallel writers only contend.
-        self._limiter = anyio.CapacityLimiter(max_in_flight if is_http(self.tracking_uri) else 1)
-        self._policy = policy
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking exporter call in a thread under the retry policy. A cancelled call
-        (the close deadline ran out) is abandoned, not waited for: it may still land, but the
-        worker counts it as not delivered."""
-        job = partial(fn, *args)
-        return await self._policy.run(
-            lambda: anyio.to_thread.run_sync(job, limiter=self._limiter, abandon_on_cancel=True)
-        )
-
-    async def create_run(self, run_name: str, start_ms: int, tags: dict[str, str]) -> str:
-        """A run with MLflow's context tags (user, source), as ``mlflow.start_run`` makes it."""
-        return await self.call(
-            self.exporter.create_run, run_name, start_ms, {**self.context_tags, **tags}
-        )
-
-    async def find_run(self, key: str) -> tuple[str, str] | None:
-        """The run a previous life of this journal created for ``key``, and its status."""
-        return await self.call(self.exporter.find_run, key)
-
-    async def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:
-        await self.call(self.exporter.log_metrics, run_id, rows)
-
-    async def log_params(self, run_id: str, params: Sequence[tuple[str, str]]) -> None:
-        await self.call(self.exporter.log_params, run_id, params)
-
-    async def log_path(self, run_id: str, path: str) -> None:
-        await self.call(self.exporter.log_path, run_id, path)
-
-    async def set_terminated(self, run_id: str, status: str, end_ms: int) -> None:
-        await self.call(self.exporter.set_terminated, run_id, status, end_ms)
-
-    async def experiment_state(self) -> str:
-        return await self.call(self.exporter.experiment_state)
-
-    async def log_spans(self, run_id: str, spans: Sequence[dict[str, Any]], link: bool) -> None:
-        await self.call(self.exporter.log_spans, run_id, spans, link)
-
-    async def log_tags(self, run_id: str, tags: Sequence[tuple[str, str]]) -> None:
-        await self.call(self.exporter.log_tags, run_id, tags)
-
-    async def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        await self.call(self.exporter.log_text, run_id, text, artifact_file)
-
-    async def find_logged_model(self, key: str) -> str | None:
-        return await self.call(self.exporter.find_logged_model, key)
-
-    async def create_logged_model(
-        self,
-        name: str,
-        source_run_id: str,
-        params: Sequence[tuple[str, str]],
-        tags: Sequence[tuple[str, str]],
-    ) -> str:
-        return await self.call(self.exporter.create_logged_model, name, source_run_id, params, tags)
-
-    async def log_model_metrics(
-        self, run_id: str, model_id: str, rows: Sequence[MetricRow]
-    ) -> None:
-        await self.call(self.exporter.log_model_metrics, run_id, model_id, rows)
-
-    async def log_assessments(self, trace_id: str, assessments: Sequence[dict[str, Any]]) -> None:
-        await self.call(self.exporter.log_assessments, trace_id, assessments)
-
-    async def set_trace_info(self, trace_id: str, info: dict[str, Any]) -> None:
-        await self.call(self.exporter.set_trace_info, trace_id, info)

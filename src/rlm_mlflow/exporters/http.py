@@ -15,7 +15,8 @@ from __future__ import annotations
 import urllib.parse
 from typing import Any
 
-from ._exporter import (
+from .._redact import redact_text
+from .base import (
     MAX_RETRY_AFTER,
     TRANSIENT_HTTP,
     FeatureUnsupported,
@@ -24,7 +25,6 @@ from ._exporter import (
     TracesUnsupported,
     Unreachable,
 )
-from ._redact import redact_text
 
 #: Redirects on which HTTP clients re-send a POST as a GET, without its body.
 METHOD_CHANGING = frozenset({301, 302, 303})

@@ -8,23 +8,24 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ._exporter import (
+from .._log import log
+from .._payload import MetricRow
+from .._spans import otlp_request
+from .._tables import relative_artifact_path
+from .._trace_info import check_trace_info
+from .base import (
     ASSESSMENT_RUN_KEY,
     ASSESSMENTS,
     LOGGED_MODELS,
     TRACE_INFO,
     ExperimentDeleted,
+    ExporterClosed,
     FeatureUnsupported,
     TracesUnsupported,
     key_filter,
     model_key_filter,
     new_assessments,
 )
-from ._log import log
-from ._payload import MetricRow
-from ._spans import otlp_request
-from ._tables import relative_artifact_path
-from ._trace_info import check_trace_info
 
 
 class MlflowClientExporter:
@@ -37,6 +38,12 @@ class MlflowClientExporter:
         self._metric, self._param, self._tag = Metric, Param, RunTag
         self.tracking_uri: str = client.tracking_uri
         self.experiment_id = ""
+
+    def close(self) -> None:
+        """The client let go of, for a stand-in that raises ExporterClosed on any call. Its
+        store (a database engine, a file store) is MLflow's, cached for the process and shared
+        with the caller's own mlflow calls: not ours to dispose of."""
+        self._client = _Closed()
 
     def experiment(self, name: str, restore: bool) -> str:
         """Get or create; another process may create it between our get and create. A
@@ -217,6 +224,13 @@ class MlflowClientExporter:
             roots = [s.trace_id for s in mlflow_spans if s.parent_id is None]
             if roots:
                 store.link_traces_to_run(roots, run_id)
+
+
+class _Closed:
+    """In place of a closed exporter's client: whatever is asked of it raises."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise ExporterClosed("the exporter is closed")
 
 
 @contextlib.contextmanager

@@ -20,18 +20,17 @@ from __future__ import annotations
 import base64
 import json
 import os
-import posixpath
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from . import _rest_extras as extras
-from ._exporter import API, ExperimentDeleted, HttpError, key_filter
-from ._http import answer, request_failure
-from ._log import log
-from ._payload import MetricRow
-from ._spans import otlp_request
+from .._log import log
+from .._payload import MetricRow
+from .._spans import otlp_request
+from . import rest_extras as extras
+from .base import API, ExperimentDeleted, ExporterClosed, HttpError, key_filter
+from .http import answer, request_failure
 
 _JSON = {"Content-Type": "application/json"}
 TRACES = "/v1/traces"  # MLflow's OTLP endpoint
@@ -72,6 +71,22 @@ class RestExporter:
         self._prepared: _Prepared | None = None
         self._prepare_lock = threading.Lock()
         self._session: Any = None  # ours: trust_env off, the environment is merged at prepare
+        self._session_lock = threading.Lock()  # the session is made and closed under it
+        self._closed = False
+
+    def close(self) -> None:
+        """Our requests session closed (its pooled connections with it); a second close does
+        nothing, and a request after it raises ExporterClosed. The session `http_request`
+        uses is MLflow's, shared by the process: not ours to close."""
+        with self._session_lock:
+            self._closed = True
+            session, self._session, self._prepared = self._session, None, None
+        if session is not None:
+            session.close()
+
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise ExporterClosed("the exporter is closed")
 
     def _request(
         self,
@@ -85,9 +100,10 @@ class RestExporter:
         feature: str | None = None,
     ) -> dict[str, Any]:
         """One request, no inner retries (ours are around it), our timeout; MLflow's answer,
-        or the failure it is (`_http.answer`; ``feature``: the request is one of that
+        or the failure it is (`http.answer`; ``feature``: the request is one of that
         feature's). ``data`` goes as it is (JSON already when ``json_body``); ``body`` is
         sent as JSON, or as the query of a GET."""
+        self._refuse_closed()
         kwargs: dict[str, Any] = {}
         if method == "GET":
             kwargs["params"] = body
@@ -194,8 +210,11 @@ class RestExporter:
         self._post(prepared, body, refreshed=False)
 
     def _post(self, prepared: _Prepared, body: bytes, *, refreshed: bool) -> None:
+        session = self._session
+        if session is None:  # closed since it was prepared
+            raise ExporterClosed("the exporter is closed")
         try:
-            response = self._session.post(
+            response = session.post(
                 prepared.url,
                 data=body,
                 headers=prepared.headers,
@@ -246,9 +265,11 @@ class RestExporter:
         elif creds.token:
             headers["Authorization"] = f"Bearer {creds.token}"
         url = creds.host.rstrip("/") + f"{API}/runs/log-batch"
-        if self._session is None:
-            self._session = requests.Session()
-            self._session.trust_env = False
+        with self._session_lock:
+            self._refuse_closed()
+            if self._session is None:
+                self._session = requests.Session()
+                self._session.trust_env = False
         with requests.Session() as probe:  # requests' own reading of the environment
             merged = probe.merge_environment_settings(
                 url, {}, False, creds.verify, creds.client_cert_path
@@ -281,44 +302,7 @@ class RestExporter:
         return str(answer["experiment"].get("lifecycle_stage", "active"))
 
     def log_path(self, run_id: str, path: str) -> None:
-        """Files go to the server's artifact proxy by our own requests (our timeout, no inner
-        retries); other artifact stores (a path the server names, S3, ...) through MLflow's
-        artifact repository. A file lands at the root, a directory under its own name."""
-        artifact_uri = self.artifact_uri(run_id)
-        root = extras.proxied_root(artifact_uri)
-        if root is None:
-            from mlflow.store.artifact.artifact_repository_registry import (
-                get_artifact_repository,
-            )
-
-            repo = get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
-            if os.path.isdir(path):
-                name = os.path.basename(os.path.normpath(path))
-                repo.log_artifacts(path, artifact_path=name)
-            else:
-                repo.log_artifact(path)
-            return
-        files = [(path, os.path.basename(path))]
-        if os.path.isdir(path):
-            base = os.path.basename(os.path.normpath(path))
-            files = [
-                (os.path.join(top, f), posixpath.join(base, os.path.relpath(top, path), f))
-                for top, _, names in os.walk(path)
-                for f in names
-            ]
-        unreadable: list[OSError] = []
-        for local, relative in files:
-            try:
-                with open(local, "rb") as handle:
-                    endpoint = extras.ARTIFACTS + posixpath.normpath(posixpath.join(root, relative))
-                    self._request("PUT", endpoint, data=handle)
-            except OSError as exc:
-                if exc.filename is None:
-                    raise  # not a local file's trouble
-                unreadable.append(exc)
-        if unreadable:  # the readable files landed; say which could not be read
-            first = unreadable[0]
-            raise OSError(first.errno, f"{len(unreadable)} file(s) unreadable", first.filename)
+        extras.log_path(self, run_id, path)
 
     def artifact_uri(self, run_id: str) -> str:
         """The run's artifact root, as the server named it (asked once per run)."""

@@ -1,5 +1,6 @@
-"""`RestExporter`'s calls for MLflow 3's parts: table files, logged models, metrics linked to
-a logged model, and assessments on traces. Functions of the exporter, REST JSON as MLflow's
+"""`RestExporter`'s artifact uploads (files, table texts) and its calls for MLflow 3's parts:
+logged models, metrics linked to a logged model, assessments and trace info. Functions of
+the exporter (`Rest`: what they use of it), REST JSON as MLflow's
 own ``RestStore`` sends it (the shapes are those of MLflow 3.17's ``service.proto`` and
 ``assessments.proto``, checked against its handlers):
 
@@ -30,9 +31,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ._exporter import (
+from .._payload import MetricRow
+from .._tables import relative_artifact_path
+from .._trace_info import check_trace_info
+from .base import (
     API,
     ASSESSMENT_RUN_KEY,
     ASSESSMENTS,
@@ -41,16 +45,31 @@ from ._exporter import (
     model_key_filter,
     new_assessments,
 )
-from ._payload import MetricRow
-from ._tables import relative_artifact_path
-from ._trace_info import check_trace_info
-
-if TYPE_CHECKING:
-    from ._rest import RestExporter
 
 MODELS = f"{API}/logged-models"
 TRACES_V3 = "/api/3.0/mlflow/traces"
 ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts/"
+
+
+class Rest(Protocol):
+    """What these functions use of `RestExporter` (whose module imports this one)."""
+
+    tracking_uri: str
+    experiment_id: str
+
+    def _request(
+        self,
+        method: str,
+        endpoint: str,
+        body: Any = None,
+        *,
+        data: Any = None,
+        json_body: bool = False,
+        headers: dict[str, str] | None = None,
+        feature: str | None = None,
+    ) -> dict[str, Any]: ...
+
+    def artifact_uri(self, run_id: str) -> str: ...
 
 
 def proxied_root(artifact_uri: str) -> str | None:
@@ -64,7 +83,49 @@ def proxied_root(artifact_uri: str) -> str | None:
     return artifact_uri.removeprefix("mlflow-artifacts:").strip("/")
 
 
-def log_text(rest: RestExporter, run_id: str, text: str, artifact_file: str) -> None:
+def log_path(rest: Rest, run_id: str, path: str) -> None:
+    """`RestExporter.log_path`: files go to the server's artifact proxy by our own requests
+    (our timeout, no inner retries); other artifact stores (a path the server names, S3, ...)
+    through MLflow's artifact repository. A file lands at the root, a directory under its
+    own name."""
+    artifact_uri = rest.artifact_uri(run_id)
+    root = proxied_root(artifact_uri)
+    if root is None:
+        from mlflow.store.artifact.artifact_repository_registry import (
+            get_artifact_repository,
+        )
+
+        repo = get_artifact_repository(artifact_uri, tracking_uri=rest.tracking_uri)
+        if os.path.isdir(path):
+            name = os.path.basename(os.path.normpath(path))
+            repo.log_artifacts(path, artifact_path=name)
+        else:
+            repo.log_artifact(path)
+        return
+    files = [(path, os.path.basename(path))]
+    if os.path.isdir(path):
+        base = os.path.basename(os.path.normpath(path))
+        files = [
+            (os.path.join(top, f), posixpath.join(base, os.path.relpath(top, path), f))
+            for top, _, names in os.walk(path)
+            for f in names
+        ]
+    unreadable: list[OSError] = []
+    for local, relative in files:
+        try:
+            with open(local, "rb") as handle:
+                endpoint = ARTIFACTS + posixpath.normpath(posixpath.join(root, relative))
+                rest._request("PUT", endpoint, data=handle)
+        except OSError as exc:
+            if exc.filename is None:
+                raise  # not a local file's trouble
+            unreadable.append(exc)
+    if unreadable:  # the readable files landed; say which could not be read
+        first = unreadable[0]
+        raise OSError(first.errno, f"{len(unreadable)} file(s) unreadable", first.filename)
+
+
+def log_text(rest: Rest, run_id: str, text: str, artifact_file: str) -> None:
     """Through the artifact proxy, as `RestExporter.log_path` sends files; to other artifact
     stores through MLflow's artifact repository, from a temporary file."""
     path = relative_artifact_path(artifact_file)
@@ -84,7 +145,7 @@ def log_text(rest: RestExporter, run_id: str, text: str, artifact_file: str) -> 
         repo.log_artifact(local, artifact_path=posixpath.dirname(path) or None)
 
 
-def find_logged_model(rest: RestExporter, key: str) -> str | None:
+def find_logged_model(rest: Rest, key: str) -> str | None:
     body = {
         "experiment_ids": [rest.experiment_id],
         "filter": model_key_filter(key),
@@ -97,7 +158,7 @@ def find_logged_model(rest: RestExporter, key: str) -> str | None:
 
 
 def create_logged_model(
-    rest: RestExporter,
+    rest: Rest,
     name: str,
     source_run_id: str,
     params: Sequence[tuple[str, str]],
@@ -117,9 +178,7 @@ def create_logged_model(
     return model_id
 
 
-def log_model_metrics(
-    rest: RestExporter, run_id: str, model_id: str, rows: Sequence[MetricRow]
-) -> None:
+def log_model_metrics(rest: Rest, run_id: str, model_id: str, rows: Sequence[MetricRow]) -> None:
     metrics = [
         {"key": k, "value": v, "timestamp": ts, "step": s, "model_id": model_id}
         for k, v, ts, s in rows
@@ -127,9 +186,7 @@ def log_model_metrics(
     rest._request("POST", f"{API}/runs/log-batch", {"run_id": run_id, "metrics": metrics})
 
 
-def log_assessments(
-    rest: RestExporter, trace_id: str, assessments: Sequence[dict[str, Any]]
-) -> None:
+def log_assessments(rest: Rest, trace_id: str, assessments: Sequence[dict[str, Any]]) -> None:
     """The trace's assessments first (a 404 RESOURCE_DOES_NOT_EXIST: the trace is not stored,
     an HttpError), then one create for each new one."""
     found = rest._request("GET", f"{TRACES_V3}/{trace_id}", feature=ASSESSMENTS)
@@ -173,7 +230,7 @@ def assessment_json(trace_id: str, assessment: dict[str, Any], now: float) -> di
     return body
 
 
-def set_trace_info(rest: RestExporter, trace_id: str, info: dict[str, Any]) -> None:
+def set_trace_info(rest: Rest, trace_id: str, info: dict[str, Any]) -> None:
     """StartTraceV3, which the store merges into the stored trace (a malformed ``info`` is a
     ValueError before anything is sent)."""
     body = {"trace": {"trace_info": trace_info_json(rest.experiment_id, trace_id, info)}}
