@@ -312,7 +312,7 @@ class RestExporter:
             artifact_uri = self._artifact_uris[run_id] = info.get("artifact_uri", "")
         return artifact_uri
 
-    # MLflow 3's parts (tables, logged models, assessments, trace info): in `_rest_extras`.
+    # MLflow 3's parts (tables, logged models, assessments, trace info): in `rest_extras`.
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         extras.log_text(self, run_id, text, artifact_file)
 
