@@ -96,7 +96,7 @@ class AutologSink(RLMCodeSink):
         self.shared.on_run_end(run_id, result=result, run_path=run_path)
 
     def status(self) -> dict[str, Any]:
-        return self.shared.status()
+        return dict(self.shared.status())  # rlm-code's sink's type: a plain dict
 
     def __getattr__(self, name: str) -> Any:
         """What rlm-code's class does not have: the shared sink's (only called when the

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from ._event import Event, Marker, RunEvent, Step
 from ._log import log
+from ._outcomes import Outcomes
 from ._spill import Spill
 
 
@@ -32,6 +33,7 @@ class Buffer:
         policy: str = "block",
         overflow: Spill | None = None,
         overflow_max_bytes: int = 0,
+        outcomes: Outcomes | None = None,
     ) -> None:
         self._queue: deque[Event] = deque()
         self._maxsize = self._capacity = maxsize
@@ -48,11 +50,16 @@ class Buffer:
         self._room = threading.Condition(threading.RLock())
         self._waiting = 0  # producers blocked in _put_when_full
         self._closed = False
-        self.dropped = 0
+        # Drops are counted by the outcomes (a buffer of its own has outcomes of its own).
+        self.outcomes = outcomes if outcomes is not None else Outcomes(None, "")
         self._burst = 0  # drops since the worker last reported them
         self.last_drop = 0.0  # time.monotonic() of the last drop
         self._parked = False
         self.unpark: Callable[[], None] = lambda: None  # set by the worker: start it again
+
+    @property
+    def dropped(self) -> int:
+        return self.outcomes.stats.dropped
 
     def __len__(self) -> int:
         return len(self._queue) + (len(self._overflow) if self._overflow is not None else 0)
@@ -172,7 +179,7 @@ class Buffer:
     def _drop(self, reason: str) -> None:
         """Count a drop; log only the first of a burst (the worker logs the burst's size once
         it is over)."""
-        self.dropped += 1
+        self.outcomes.dropped()
         self._burst += 1
         self.last_drop = time.monotonic()
         if self._burst == 1:

@@ -18,7 +18,7 @@ import concurrent.futures.thread  # noqa: F401
 import functools
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -33,9 +33,19 @@ from tenacity import (
 
 from ._log import log
 from ._payload import MetricRow
-from ._redact import redact_text
+from ._redact import redact_text, redact_uri
 from ._settings import Settings
-from .exporters.base import Exporter, ExporterClosed, Misconfigured, is_http, is_transient
+
+if TYPE_CHECKING:
+    from ._outcomes import Outcomes
+from .exporters.base import (
+    ExperimentDeleted,
+    Exporter,
+    ExporterClosed,
+    Misconfigured,
+    is_http,
+    is_transient,
+)
 
 T = TypeVar("T")
 
@@ -268,3 +278,63 @@ class Connection:
 
     async def set_trace_info(self, trace_id: str, info: dict[str, Any]) -> None:
         await self.call(self.exporter.set_trace_info, trace_id, info)
+
+
+async def establish(
+    tracking_uri: str | None,
+    experiment: str,
+    settings: Settings,
+    policy: RetryPolicy,
+    outcomes: Outcomes,
+    exporter: Exporter | None = None,
+) -> Connection | None:
+    """Import mlflow and reach the store (``exporter``, when given: no connecting), retried
+    by the policy of every call until it works or the sink is closed; a server that is down
+    at start costs nothing but the wait. None when nothing can ever be sent: mlflow cannot be
+    imported, or the experiment is deleted (said in ``outcomes``)."""
+
+    def retrying(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        outcomes.retry()
+        if exc is not None:
+            outcomes.note_error("connect", exc)
+        log.warning(
+            "tracking store unreachable, retrying",
+            retry_in=round(state.upcoming_sleep, 2),
+            tracking_uri=redact_uri(tracking_uri),
+            error=redact_text(str(exc))[:300],
+        )
+
+    def worth_a_retry(exc: BaseException) -> bool:  # any trouble reaching a store
+        return isinstance(exc, Exception) and not isinstance(
+            exc, (ImportError, ExperimentDeleted, Misconfigured)
+        )
+
+    async def reach() -> Exporter:
+        return await anyio.to_thread.run_sync(
+            connect, tracking_uri, experiment, settings, abandon_on_cancel=True
+        )
+
+    try:
+        if exporter is None:
+            exporter = await policy.run(
+                reach, retry_on=worth_a_retry, forever=True, before_sleep=retrying
+            )
+        assert exporter is not None
+        connection = Connection(exporter, settings.max_in_flight, policy)
+    except ImportError as exc:
+        outcomes.import_error = f"unavailable: {exc}"
+        outcomes.set_unavailable(outcomes.import_error)
+        log.error("mlflow cannot be imported; events are discarded", error=str(exc))
+        return None
+    except ExperimentDeleted as exc:
+        outcomes.set_unavailable(f"unavailable: {exc}")
+        return None
+    outcomes.connected(connection.experiment_id, connection.experiment_state)
+    log.info(
+        "connected",
+        tracking_uri=redact_uri(connection.tracking_uri),
+        experiment=experiment,
+        experiment_id=connection.experiment_id,
+    )
+    return connection

@@ -16,13 +16,14 @@ from ._buffer import Buffer
 from ._deadletter import DeadLetters
 from ._destination import resolve
 from ._event import Marker
-from ._exporter import Exporter
 from ._journal import SPILL_FILE, Journal, journal_meta
 from ._log import log
+from ._outcomes import Outcomes
 from ._payload import steps_per_batch
 from ._settings import Settings
 from ._spill import Spill
-from ._worker import LAST_ATTEMPT_S, Worker
+from ._worker import Worker, last_attempt_reserve
+from .exporters.base import Exporter
 
 
 class Forwarder:
@@ -54,6 +55,7 @@ class Forwarder:
                     spool_dir=s.spool_dir,
                     error=self.spool_refused,
                 )
+        outcomes = Outcomes(dead_letters, experiment)  # the counters, of the buffer and worker
         spill = None
         if self.journal is not None and s.when_full == "spill":
             spill = Spill(self.journal.dir / SPILL_FILE, durable=s.fsync == "always")
@@ -64,6 +66,7 @@ class Forwarder:
             s.when_full,
             overflow=spill,
             overflow_max_bytes=s.spool_max_bytes,
+            outcomes=outcomes,
         )
         self.worker = Worker(
             self.buffer,
@@ -75,6 +78,7 @@ class Forwarder:
             replaying=replaying,
             park=park,
             exporter=exporter,
+            outcomes=outcomes,
         )
         # Re-entrant: a SIGTERM handler may close while this thread is inside close().
         self._close_lock = threading.RLock()
@@ -120,7 +124,7 @@ class Forwarder:
             return marker.done.is_set()
         if marker.done.wait(timeout if self.worker.alive else 0):
             return True
-        stats = self.worker.stats
+        stats = self.worker.outcomes.stats
         log.warning(
             "timed out",
             call=what,
@@ -146,7 +150,7 @@ def close_all(forwarders: Sequence[Forwarder], timeout: float | None) -> bool:
         closing.append((forwarder, marker, started + limit))
     done = True
     for forwarder, marker, deadline in closing:
-        reserve = min(LAST_ATTEMPT_S, 0.2 * (deadline - started))
+        reserve = last_attempt_reserve(deadline - started)
         remaining = max(0.0, deadline - reserve - time.monotonic())
         done = forwarder.wait(marker, remaining, "close") and done
     # Also when another close is under way (the SIGTERM handler interrupting a close() of

@@ -8,7 +8,6 @@ import mlflow; an argument that cannot be read is counted and logged (`_hook_fai
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from time import time
@@ -27,8 +26,6 @@ class Hooks:
 
     settings: Settings
     _buffer: Any  # the forwarder's buffer: the hooks' one attribute lookup
-    _hook_errors: int
-    _hook_lock: threading.Lock
 
     # -- rlm-code's hooks --------------------------------------------------------------------
 
@@ -189,8 +186,9 @@ class Hooks:
             self._hook_failed("on_run_end", run_id, exc)
 
     def _hook_failed(self, hook: str, run_id: Any, exc: Exception) -> None:
-        with self._hook_lock:  # hooks run on many threads; += is not atomic
-            self._hook_errors += 1
+        buffer = self._buffer
+        if buffer is not None:
+            buffer.outcomes.hook_failed()
         try:
             detail = str(exc)[:200]
         except Exception:  # an exception that cannot print itself

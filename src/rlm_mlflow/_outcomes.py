@@ -1,15 +1,22 @@
 """Where every event ends: the counters of `status()`, and the rules that pick one.
 
-Every event that leaves the buffer ends in exactly one counter of `Stats`: delivered,
-rejected (bad input), dead-lettered (refused by MLflow for good), spooled (kept in the journal
-for a later sync), failed (not delivered, no spool) or discarded (mlflow missing). `Outcomes`
-is the only writer of those counters (one thread: the worker's loop).
+Every event that leaves the buffer ends in exactly one `Outcome`: delivered, rejected (bad
+input), dead-lettered (refused by MLflow for good), spooled (kept in the journal for a later
+sync), failed (not delivered, no spool) or discarded (mlflow missing); one the buffer could
+not take is dropped. `Outcomes` is the only writer of the counters (`Stats`): the worker's
+loop through `record` and `took`, the hooks' threads through `dropped` and `hook_failed`.
+Writes are made under one lock, and `snapshot` copies the counters under it, so a status
+never shows an event taken from the buffer and not yet counted as taken.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,23 +24,36 @@ from tenacity import RetryCallState
 
 from ._deadletter import DeadLetters
 from ._event import Event, RunEnd, RunStart, Step
-from ._exporter import ExperimentDeleted, Misconfigured, is_kept
 from ._limits import show
 from ._log import log
 from ._redact import redact_text
+from .exporters.base import ExperimentDeleted, Misconfigured, is_kept
+
+
+class Outcome(enum.Enum):
+    """Where an event ended; the value is its counter in `Stats` (and in ``status()``)."""
+
+    DELIVERED = "delivered"
+    REJECTED = "rejected"
+    DEAD_LETTERED = "dead_lettered"
+    SPOOLED = "spooled"
+    FAILED = "failed"
+    DISCARDED = "discarded"
 
 
 @dataclass
 class Stats:
-    """Counters written by the worker thread only; read from anywhere (plain ints)."""
+    """The counters; written by `Outcomes` only, copied whole by `Outcomes.snapshot`."""
 
-    drained: int = 0
+    drained: int = 0  # taken from the buffer (markers aside)
     delivered: int = 0
     rejected: int = 0  # bad input, refused before sending
     dead_lettered: int = 0  # refused by MLflow for good; written to the dead-letter file
     failed: int = 0  # not delivered (unreachable past the deadline, or unavailable), no spool
     spooled: int = 0  # not delivered, kept in the journal for a later sync
     discarded: int = 0  # drained while mlflow cannot be imported
+    dropped: int = 0  # not taken by the buffer (full, or the sink closed)
+    hook_errors: int = 0  # hook calls that failed inside the sink (status' rejected)
     retried: int = 0
     skipped: int = 0  # parts of an event not logged: non-scalar params, a missing run path
     last_error: str | None = None
@@ -56,7 +76,7 @@ class Stats:
 
 
 class Counted(Protocol):
-    """What outcomes are counted for besides the totals: a run's lane (see `Lane.finished`)."""
+    """What outcomes are counted for besides the totals: a run (see `Run.finished`)."""
 
     finished: int
 
@@ -71,8 +91,11 @@ class Outcomes:
     """Counts each event once, logs what a user must know once, and decides where what did
     not land goes: dead letters for MLflow's refusals, else the spool or `failed`."""
 
-    def __init__(self, dead_letters: DeadLetters, experiment: str) -> None:
-        self.stats = Stats()
+    def __init__(self, dead_letters: DeadLetters | None, experiment: str) -> None:
+        self.stats = Stats()  # read freely by the worker's loop; copied by `snapshot`
+        self._lock = threading.Lock()
+        #: The counts a close settled on when the worker did not stop in time (`settle`).
+        self.final: Stats | None = None
         self.dead_letters = dead_letters
         self.experiment = experiment
         self.spooling = False  # a journal holds every drained event (set by the worker)
@@ -88,28 +111,101 @@ class Outcomes:
         self._experiment_id = ""
         self._rejections_logged: set[tuple[str, str]] = set()
 
-    def tally(self, lane: Counted | None, outcome: str, events: int) -> None:
-        """Count ``events`` in one counter (and as finished for their lane)."""
+    @property
+    def problem(self) -> str | None:
+        """Why nothing is delivered now, for status(): unavailable for good, or refused by
+        the store until its configuration (or ours) is fixed."""
+        return self.unavailable or self.misconfigured
+
+    def record(
+        self, outcome: Outcome, events: int, reason: str = "", run: Counted | None = None
+    ) -> None:
+        """The one way an event ends: ``events`` of them in ``outcome`` (and as finished for
+        their ``run``). ``reason`` is logged when it says something (an error, not a success)."""
         if events <= 0:
             return
-        setattr(self.stats, outcome, getattr(self.stats, outcome) + events)
-        if lane is not None:
-            lane.finished += events
+        with self._lock:
+            stats, name = self.stats, outcome.value
+            setattr(stats, name, getattr(stats, name) + events)
+            if run is not None:
+                run.finished += events
+        if reason:
+            log.debug("events ended", outcome=name, events=events, reason=reason)
+
+    @contextmanager
+    def taking(self) -> Iterator[Callable[[int], None]]:
+        """Around a drain of the buffer: the events taken are counted in the same breath,
+        so that a snapshot sees each either in the buffer or as taken."""
+        with self._lock:
+
+            def took(events: int) -> None:
+                self.stats.drained += events
+
+            yield took
+
+    def took(self, events: int) -> None:
+        """Events taken from the buffer outside a `taking` (what a close leaves over)."""
+        with self._lock:
+            self.stats.drained += events
+
+    def dropped(self) -> None:
+        """A hook's event the buffer did not take. Called under the buffer's lock (which
+        keeps drops apart from each other), never under ours: no lock of ours is taken."""
+        self.stats.dropped += 1
+
+    def hook_failed(self) -> None:
+        """A hook call that failed inside the sink: counted as rejected in status()."""
+        with self._lock:
+            self.stats.hook_errors += 1
+
+    def retry(self) -> None:
+        with self._lock:
+            self.stats.retried += 1
+
+    def crashed(self, events: int, exc: BaseException) -> None:
+        """The worker's loop crashed: what was in flight is counted failed."""
+        with self._lock:
+            self.stats.last_error = redact_text(f"worker crashed: {exc!r}")[:500]
+            self.stats.failed += events
+
+    def snapshot(self, queued: Callable[[], int]) -> tuple[Stats, int]:
+        """A copy of the counters, and the events ``queued`` says wait in the buffer, read
+        under the lock (the final counts once a close settled on them: nothing queued)."""
+        with self._lock:
+            if self.final is not None:
+                return dataclasses.replace(self.final), 0
+            return dataclasses.replace(self.stats), queued()
+
+    def settle(self, queued: int) -> Stats:
+        """The worker did not stop in time: the final counts, as it would have made them:
+        what the buffer still holds (``queued``) was never journalled, so failed; what was in
+        flight is spooled with a journal (it stays for a sync), else failed."""
+        with self._lock:
+            final = dataclasses.replace(self.stats)
+            held = final.inflight
+            final.drained += queued
+            final.failed += queued
+            if self.spooling:
+                final.spooled += held
+            else:
+                final.failed += held
+            self.final = final
+            return final
 
     def give_up(self, events: int, lane: Counted | None = None) -> None:
         """Events this worker will not send: discarded without mlflow, else kept in the
         journal (spooled) or lost (failed)."""
         if self.import_error is not None:
-            self.tally(lane, "discarded", events)
+            self.record(Outcome.DISCARDED, events, run=lane)
         elif self.spooling:
             self.keep_journal = True
-            self.tally(lane, "spooled", events)
+            self.record(Outcome.SPOOLED, events, run=lane)
         else:
-            self.tally(lane, "failed", events)
+            self.record(Outcome.FAILED, events, run=lane)
 
     def reject(self, event: Event, reason: str, lane: Counted | None = None) -> None:
         """Count every rejection; log the first one per run and hook, not one per event."""
-        self.tally(lane, "rejected", 1)
+        self.record(Outcome.REJECTED, 1, run=lane)
         run_id = getattr(event, "run_id", None)
         shown = run_id if isinstance(run_id, str) else show(run_id)
         key = (shown[:200], hook_name(event))
@@ -126,12 +222,17 @@ class Outcomes:
 
     def skip(self, message: str, **fields: Any) -> None:
         """One part of an event not logged (its run path, say): counted, and said."""
-        self.stats.skipped += 1
+        self.skipped_parts(1)
         log.warning(message, **fields)
+
+    def skipped_parts(self, parts: int) -> None:
+        """Parts of events not logged, already said (a store without traces, say)."""
+        with self._lock:
+            self.stats.skipped += parts
 
     def skipped(self, run_id: str, hook: str, problems: list[str]) -> None:
         """Parts of an event that were not logged (a param, a summary value, the run path)."""
-        self.stats.skipped += len(problems)
+        self.skipped_parts(len(problems))
         log.warning(
             "parts of an event not logged", run_id=run_id, hook=hook, reason="; ".join(problems)
         )
@@ -154,6 +255,7 @@ class Outcomes:
             )
             self.give_up(events, lane)
             return
+        assert self.dead_letters is not None, "a worker's outcomes have a dead-letter file"
         self.dead_letters.write(
             run_id=lane.run_id,
             mlflow_run_id=lane.mlflow_id,
@@ -169,14 +271,14 @@ class Outcomes:
             error=self.stats.last_error,
             dead_letter_file=str(self.dead_letters.path),
         )
-        self.tally(lane, "dead_lettered", events)
+        self.record(Outcome.DEAD_LETTERED, events, run=lane)
 
     def failed_call(self, lane: Counted, exc: BaseException, events: int = 1) -> None:
         """Count ``events`` whose call failed (already logged by `undeliverable`)."""
         if self.unavailable is not None or is_kept(exc):
             self.give_up(events, lane)
         else:
-            self.tally(lane, "dead_lettered", events)
+            self.record(Outcome.DEAD_LETTERED, events, run=lane)
 
     async def _experiment_gone(self) -> bool:
         """After a refusal: was the experiment deleted under us? (asked at most every 5 s)"""
@@ -236,7 +338,7 @@ class Outcomes:
 
     def on_retry(self, state: RetryCallState) -> None:
         """tenacity's ``before_sleep``: count the retry and say why, once per attempt."""
-        self.stats.retried += 1
+        self.retry()
         exc = state.outcome.exception() if state.outcome else None
         log.warning(
             "mlflow call failed, retrying",

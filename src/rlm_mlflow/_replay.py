@@ -191,14 +191,14 @@ def _replay(
                 progress(len(record))
     finally:
         finished = close_all([forwarder], settings.retry_deadline + settings.close_timeout)
-    stats = worker.stats
+    stats = worker.outcomes.stats
     summary.runs = len(runs)
     summary.delivered = stats.delivered
     summary.rejected = stats.rejected
     summary.dead_lettered = stats.dead_lettered
     summary.failed = stats.failed + stats.discarded + stats.spooled
     summary.corrupt_records = orphan.corrupt
-    landed = finished and summary.failed == 0 and worker.unavailable is None
+    landed = finished and summary.failed == 0 and worker.outcomes.unavailable is None
     summary.kept = 0 if landed else 1
     orphan.release(remove=landed)
     log.info(

@@ -14,37 +14,23 @@ taking, the buffer fills, and its full-buffer policy applies.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from . import _payload as payload
 from ._backlog import Backlog
+from ._budget import Budget
 from ._buffer import Buffer
 from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
 from ._journal import Journal
-from ._lane import Lane
+from ._lane import Lane, countable
 from ._log import log
 from ._markers import Markers
-from ._memory import (
-    CHUNK_SHARE,
-    IN_FLIGHT_SHARE,
-    STEP_BYTES,
-    STEP_INFLIGHT_BYTES,
-    TRACED_GUESS_BYTES,
-    Gauge,
-    buffer_bound,
-    size_of,
-)
-from ._outcomes import Outcomes, hook_name
+from ._memory import STEP_INFLIGHT_BYTES
+from ._outcomes import Outcome, Outcomes, hook_name
 from ._payload import admit, is_plain_step
 from ._records import Position, Problem
+from ._run import Run
 from ._settings import Settings
-
-
-def countable(events: Sequence[Event]) -> int:
-    """Caller's events among ``events``: not markers, not the sink's own KILLED ends."""
-    return sum(
-        1 for e in events if not isinstance(e, Marker) and not (isinstance(e, RunEnd) and e.own)
-    )
 
 
 class Router:
@@ -66,16 +52,7 @@ class Router:
         self.open: dict[str, Lane] = {}  # started, end not yet routed
         self.busy: set[Lane] = set()  # lanes with unfinished events
         self.markers = Markers(self._ack, buffer.wakeup.set)
-        self._raw = Gauge()  # extras as the hooks took them (the buffer's share)
-        self._admitted = Gauge()  # extras once admitted and cut (the share in flight)
-        # An event in the buffer, on average: with traces, a guess (a program and its output
-        # at the text limit) until the first events are measured; the buffer starts bounded.
-        self._event_bytes = float(STEP_BYTES)
-        if settings.traces:
-            self._event_bytes += TRACED_GUESS_BYTES + 2 * settings.trace_text_limit
-            buffer.limit(
-                buffer_bound(settings.queue_size, settings.memory_max_bytes, self._event_bytes)
-            )
+        self._budget = Budget(buffer, settings)
 
     # -- what the loop asks --------------------------------------------------------------------
 
@@ -88,10 +65,7 @@ class Router:
 
     def full(self) -> bool:
         """What is in flight holds all the memory it may."""
-        return (
-            self.in_flight() >= self._settings.queue_size
-            or self.held_bytes() >= self._settings.memory_max_bytes * IN_FLIGHT_SHARE
-        )
+        return self._budget.full(self.in_flight(), self.held_bytes())
 
     def spool_takes(self) -> bool:
         """A journal that takes more (not failed, not at ``spool_max_bytes``)."""
@@ -112,30 +86,21 @@ class Router:
         spool takes it, buffer -> journal and journal -> lanes as room allows."""
         if self.backlog or (self.full() and self.spool_takes()):
             if self.spool_takes():
-                self.journal_only(self._buffer.drain(self._chunk()))
+                self.journal_only(self._drain(self._budget.chunk()))
             self._read_back()
         elif not self.full() and (self.journal is None or not self.journal.full()):
-            self.route_all(self._buffer.drain(self._room()))
+            self.route_all(self._drain(self._budget.room(self.in_flight(), self.held_bytes())))
 
-    def _chunk(self) -> int:
-        """Events taken into the journal at a time: `CHUNK_SHARE` of the memory bound's worth
-        (while they are journalled they are in memory several times: events, admitted, JSON)."""
-        s = self._settings
-        chunk = s.memory_max_bytes * CHUNK_SHARE / self._event_bytes
-        return max(1, min(s.queue_size, int(chunk)))
-
-    def _room(self) -> int:
-        """Events that fit in flight now, in number and in bytes."""
-        s = self._settings
-        per_event = STEP_INFLIGHT_BYTES + self._admitted.average
-        by_bytes = int((s.memory_max_bytes * IN_FLIGHT_SHARE - self.held_bytes()) / per_event)
-        return max(1, min(s.queue_size - self.in_flight(), by_bytes))
+    def _drain(self, limit: int) -> list[Event]:
+        """Up to ``limit`` events from the buffer, counted as taken in the same breath."""
+        with self._outcomes.taking() as took:
+            drained = self._buffer.drain(limit)
+            took(len(drained) - sum(1 for e in drained if e.__class__ is Marker))
+        return drained
 
     def route_all(self, drained: list[Event]) -> None:
         """Admit, journal and route one drain, in order. Steps that are already plain (the
         common case by far) take a short way: no second event, no call per step."""
-        stats = self._outcomes.stats
-        stats.drained += len(drained) - sum(1 for e in drained if e.__class__ is Marker)
         writable = self.journal is not None and self.journal_error is None
         journalled: list[RunEvent] | None = [] if writable else None
         open_, unavailable = self.open, self._outcomes.unavailable is not None
@@ -157,7 +122,7 @@ class Router:
                         continue
                 elif item.__class__ is Step:
                     extras += 1
-                    self._raw.weigh(item.extra)
+                    self._budget.raw.weigh(item.extra)
                 event = self._admit(item)
                 if event is None:
                     continue
@@ -167,17 +132,15 @@ class Router:
             except Exception as exc:  # a bug of ours: this event alone pays for it
                 log.exception("internal error routing an event", error=repr(exc)[:300])
                 if not isinstance(item, Marker):
-                    stats.failed += 1
+                    self._outcomes.record(Outcome.FAILED, 1, f"routing: {exc!r}"[:300])
         position = self._journal_append(journalled) if journalled else None
-        self._resize(len(drained), extras)
+        self._budget.resize(len(drained), extras, len(self.open))
         if position is not None:
             self._ack_after(position)
 
     def journal_only(self, drained: list[Event]) -> None:
         """Admit and journal one drain without routing it: it joins the backlog."""
         assert self.backlog is not None
-        stats = self._outcomes.stats
-        stats.drained += len(drained) - sum(1 for e in drained if e.__class__ is Marker)
         events: list[RunEvent] = []
         extras = 0
         for item in drained:
@@ -188,13 +151,13 @@ class Router:
                 continue
             if item.__class__ is Step and item.extra is not None:
                 extras += 1
-                self._raw.weigh(item.extra)
+                self._budget.raw.weigh(item.extra)
             plain = item.__class__ is Step and item[5] is None and is_plain_step(item)
             event = item if plain else self._admit(item)
             if event is not None:
                 events.append(event)
         self._to_backlog(events)
-        self._resize(len(drained), extras)
+        self._budget.resize(len(drained), extras, len(self.open))
 
     def _to_backlog(self, events: list[RunEvent]) -> None:
         assert self.backlog is not None and self.journal is not None
@@ -216,7 +179,7 @@ class Router:
                 self.add_marker(item)
                 continue
             if isinstance(item, Problem):  # our own record, damaged on disk since
-                self._outcomes.tally(None, "failed", events)
+                self._outcomes.record(Outcome.FAILED, events)
                 log.error("journal record lost", events=events, reason=item.reason)
             else:
                 for event in item:
@@ -224,32 +187,9 @@ class Router:
                         self._route(event)
                     except Exception as exc:  # a bug of ours: this event alone pays
                         log.exception("internal error routing an event", error=repr(exc)[:300])
-                        self._outcomes.stats.failed += 1
+                        self._outcomes.record(Outcome.FAILED, 1, f"routing: {exc!r}"[:300])
             if end is not None:
                 self._ack_after(end)
-
-    def _resize(self, drained: int, extras: int) -> None:
-        """After a drain: the buffer's bound in events for its share of the memory, and when
-        to wake the worker."""
-        s = self._settings
-        if drained:
-            share = extras / drained
-            estimate = STEP_BYTES + share * self._raw.average
-            if estimate > self._event_bytes:  # bigger events: the bound follows at once
-                self._event_bytes = estimate
-            else:  # smaller: slowly, so that a mixed stream is not taken for small
-                self._event_bytes += (estimate - self._event_bytes) / 8
-            bound = buffer_bound(s.queue_size, s.memory_max_bytes, self._event_bytes)
-            if abs(bound - self._buffer.capacity) > self._buffer.capacity // 10:
-                self._buffer.limit(bound)
-        # Wake for a drain when every open run has a full log_batch waiting, on average:
-        # waking at one batch's worth split over many runs sends many small requests, and a
-        # request's fixed cost at the server is what limits throughput.
-        per_batch = payload.steps_per_batch(s.batch_size)
-        self._buffer.wake_at = max(
-            1,
-            min(per_batch * max(1, len(self.open)), s.queue_size // 2, self._buffer.capacity // 2),
-        )
 
     def _admit(self, event: RunEvent) -> RunEvent | None:
         try:
@@ -299,31 +239,28 @@ class Router:
             if parent_id is None and event.extra is not None:  # a case under its benchmark
                 parent_id = event.extra.get("parent")
             parent = self.open.get(str(parent_id)) if parent_id is not None else None
-            lane = self.open[event.run_id] = Lane(event, parent)
+            lane = self.open[event.run_id] = Lane(Run(event, parent.run if parent else None))
             if parent is not None:  # the parent's next step delegated it
-                parent.children.append((event.run_id, event.key))
+                parent.run.trajectory.children.append((event.run_id, event.key))
         elif lane is None:
             self._outcomes.reject(event, f"{hook_name(event)} for a run that is not open")
             return
         elif isinstance(event, RunEnd):
             del self.open[event.run_id]
-        self.enqueue(lane, event, self._weight(event))
-
-    def _weight(self, event: RunEvent) -> float:
-        if event.__class__ is Step:
-            extra = event.extra
-            return STEP_INFLIGHT_BYTES + (0.0 if extra is None else self._admitted.weigh(extra))
-        params = event.params if isinstance(event, RunStart) else None
-        return STEP_INFLIGHT_BYTES + size_of(event.extra) + size_of(params)
+        self.enqueue(lane, event, self._budget.weight(event))
 
     def enqueue(self, lane: Lane, event: Event, weight: float) -> None:
-        lane.pending.append(event)
-        lane.pending_bytes += weight
-        if event.__class__ is not Step:
-            lane.boundaries += 1
-        if not lane.running:  # a running lane is busy already
+        if lane.enqueue(event, weight):  # a running lane is busy already
             self.busy.add(lane)
             self._spawn(lane)
+
+    def batch_done(self, lane: Lane) -> None:
+        """A lane sent a batch: markers may be done, and room was made for more."""
+        if not lane.pending:
+            self.busy.discard(lane)
+        self.markers.check()
+        if len(self._buffer) or self.backlog:
+            self._buffer.wakeup.set()
 
     def add_marker(self, marker: Marker) -> None:
         if marker.closing:
@@ -338,7 +275,7 @@ class Router:
     def _ack_after(self, position: Position) -> None:
         """Once every event before ``position`` has finished, the journal may let it go."""
         if not self._outcomes.keep_journal:
-            starts = [lane.start for lane in self.open.values()]
+            starts = [lane.run.start for lane in self.open.values()]
             self.add_marker(Marker(ack=(position, starts)))
 
     def _ack(self, ack: tuple[Position, list[RunStart]]) -> None:
@@ -355,15 +292,38 @@ class Router:
         the lanes let go of their events; runs whose creation was lost will be created
         again, so that their later events still land."""
         for lane in self.busy:
-            lane.completed = lane.enqueued
-            lane.pending, lane.sending, lane.boundaries = [], [], 0
-            lane.pending_bytes = lane.sending_bytes = 0.0
-            lane.running = False
+            lane.drop_all()
         self.busy.clear()
         for lane in self.open.values():
-            if lane.mlflow_id is None and lane.start_error is None:
-                lane.recreate = True
+            lane.run.lost_creation()
         self.markers.check()
+
+    def restart(self) -> None:
+        """In a new loop (after a park, a crash, or a loop that went away under a task-mode
+        worker): the lanes with events get a task in it (`Lane.restart`)."""
+        for lane in {*self.open.values(), *self.busy}:
+            lane.run.renew_created()
+        for lane in list(self.busy):
+            if lane.restart():
+                self._spawn(lane)
+            else:
+                self.busy.discard(lane)
+        self.markers.check()
+
+    def last_attempt(self, unended: set[Run]) -> list[tuple[Run, RunEnd, bool]]:
+        """The close deadline ran out: what to do for every run the caller started: its end
+        (FINISHED with its summary if it came, routed or in the batch a cancelled lane was
+        sending, else the sink's KILLED), and whether it must be created first. The lanes
+        give up the rest: steps still waiting are not sent."""
+        ends: dict[Run, RunEnd | None] = {lane.run: lane.take_unsent() for lane in self.busy}
+        for run in unended:
+            ends.setdefault(run, None)
+        jobs = []
+        for run, end in ends.items():
+            if end is None or end.own:
+                end = RunEnd(run.run_id, time.time(), None, None, None, None, "KILLED", None, True)
+            jobs.append((run, end, run.mlflow_id is None and run.start_error is None))
+        return jobs
 
     def drain_rest(self, until: float | None) -> int:
         """At the end of the loop: take what is left in the buffer, in chunks (journal only
@@ -372,14 +332,25 @@ class Router:
         last attempt sends none), so that its time goes to the runs' starts and ends.
         Returns how many events were left (the worker counts them)."""
         while len(self._buffer) and (until is None or time.monotonic() < until):
-            chunk = self._buffer.drain(min(1000, self._chunk()))
+            chunk = self._drain(min(1000, self._budget.chunk()))
             if self.backlog and self.spool_takes():
                 self.journal_only(chunk)
             elif until is not None and not self.spool_takes():
                 steps = sum(1 for e in chunk if e.__class__ is Step)
-                self._outcomes.stats.drained += steps
-                self._outcomes.tally(None, "failed", steps)
+                self._outcomes.record(Outcome.FAILED, steps, "the close deadline ran out")
                 self.route_all([e for e in chunk if e.__class__ is not Step])
             else:
                 self.route_all(chunk)
         return len(self._buffer)
+
+    def count_unrouted(self) -> None:
+        """The close deadline ran out before the rest of the buffer could be taken: counted
+        failed (not journalled, not sent), markers released."""
+        rest = self._buffer.drain(len(self._buffer))
+        events = countable(rest)
+        self._outcomes.took(events)
+        self._outcomes.record(Outcome.FAILED, events, "the close deadline ran out")
+        for item in rest:
+            if isinstance(item, Marker):
+                item.done.set()
+        log.error("close deadline ran out before these events could be taken", events=events)

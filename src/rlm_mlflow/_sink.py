@@ -29,6 +29,7 @@ from ._log import log
 from ._redact import redact_text, redact_uri
 from ._replay import SyncSummary, replay_own
 from ._settings import DEFAULT_EXPERIMENT, Settings, parse_bool
+from ._status import Status, forwarder_status
 from .exporters.base import Exporter
 
 
@@ -67,8 +68,6 @@ class MLflowSink(Hooks):
         self._buffer = None  # the forwarder's buffer: the hooks' one attribute lookup
         self._exporter = exporter
         self._unavailable: str | None = None
-        self._hook_errors = 0
-        self._hook_lock = threading.Lock()
         self._replayer: threading.Thread | None = None
         self.replayed: SyncSummary | None = None  # what the start-up replay of the spool did
         if not enabled:
@@ -252,48 +251,30 @@ class MLflowSink(Hooks):
     @property
     def available(self) -> bool:
         forwarder = self._forwarder
-        return forwarder is not None and forwarder.worker.problem is None
+        return forwarder is not None and forwarder.worker.outcomes.problem is None
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
         """rlm-code's keys (name, enabled, available, detail, experiment) and the forwarder's."""
-        worker = self._forwarder.worker if self._forwarder is not None else None
-        unavailable = self._unavailable or (worker.problem if worker else None)
+        forwarder = self._forwarder
+        unavailable = self._unavailable or (
+            forwarder.worker.outcomes.problem if forwarder else None
+        )
         if not self.enabled:
             detail = "disabled"
         elif unavailable:
             detail = unavailable
         else:
             detail = redact_uri(self.tracking_uri) or "default-tracking-uri"
-        status: dict[str, Any] = {
-            "name": self.name,
-            "enabled": self.enabled,
-            "available": self.available,
-            "detail": detail,
-            "experiment": self.experiment,
-        }
-        if worker is None or self._forwarder is None:
-            return status
-        buffer = self._forwarder.buffer
-        stats = worker.final or worker.stats  # final: the counts a close settled on
-        queued = 0 if worker.final is not None else len(buffer)
-        status.update(
-            tracking_uri=worker.resolved_uri,
-            queued=queued,
-            pending=queued + stats.drained - stats.finished,
-            delivered=stats.delivered,
-            retried=stats.retried,
-            dropped=buffer.dropped + stats.discarded,
-            rejected=stats.rejected + self._hook_errors,
-            dead_lettered=stats.dead_lettered,
-            failed=stats.failed,
-            spooled=stats.spooled,
-            skipped=stats.skipped,
-            traces=worker.traces_status,
-            spool=self._forwarder.spool,
-            last_error=stats.last_error,
-            closed=self.closed,
+        status = Status(
+            name=self.name,
+            enabled=self.enabled,
+            available=self.available,
+            detail=detail,
+            experiment=self.experiment,
         )
-        return status
+        if forwarder is None:
+            return status
+        return forwarder_status(status, forwarder, self.closed)
 
 
 def _dead_letter_path(settings: Settings) -> Path:

@@ -1,6 +1,6 @@
 """The worker's loop: one anyio event loop, in a thread of its own or as a task of the caller's.
 
-It connects (`_exporter.connect`, retried by the same policy as every call), drains the
+It connects (`_connect.connect`, retried by the same policy as every call), drains the
 buffer, admits each event (`_payload.admit`: the one place where values are checked; a bad
 one is rejected alone), journals the drain when there is a spool, and routes the events, in
 the order the hooks were called, to one `Lane` per run, whose task sends them. Flush and
@@ -20,7 +20,6 @@ a close deadline, a park), each in a method of its own; the sending is the lane'
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 
@@ -28,31 +27,35 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 from anyio.abc import TaskGroup
-from tenacity import RetryCallState
 
+from . import _run_calls as run_calls
 from ._buffer import Buffer
+from ._connect import RetryPolicy, establish
 from ._deadletter import DeadLetters
-from ._event import Marker, RunEnd, Step
-from ._exporter import (
-    Connection,
-    ExperimentDeleted,
-    Exporter,
-    Misconfigured,
-    RetryPolicy,
-    connect,
-)
 from ._journal import Journal
-from ._lane import Lane, Sending
+from ._lane import Lane
 from ._log import log
-from ._outcomes import Outcomes, Stats
+from ._outcomes import Outcomes
 from ._redact import redact_text, redact_uri
-from ._router import Router, countable
+from ._router import Router
+from ._sending import Sending
 from ._settings import Settings
+from .exporters.base import Exporter
 
 #: Seconds without anything to do after which the worker's thread is let go.
 IDLE_PARK_S = 20.0
 #: At most this many seconds of a close's timeout are kept for the last attempt to end runs.
 LAST_ATTEMPT_S = 5.0
+
+
+def last_attempt_reserve(timeout: float) -> float:
+    """Seconds of a close's ``timeout`` kept for the last attempt: a fifth, at least a second
+    (half of a shorter timeout), at most `LAST_ATTEMPT_S`. Its calls share the connection's
+    in-flight limit (one at a time on a local store), and a call cut off by the loop's end may
+    still hold the store for a while: a short close must still end every run."""
+    return min(LAST_ATTEMPT_S, max(0.2 * timeout, min(0.5 * timeout, 1.0)))
+
+
 #: Seconds past the close deadline that close() waits for the worker's final tally.
 JOIN_GRACE_S = 1.0
 
@@ -70,6 +73,7 @@ class Worker:
         replaying: bool = False,
         park: bool = True,
         exporter: Exporter | None = None,
+        outcomes: Outcomes | None = None,
     ) -> None:
         self._buffer = buffer
         self._settings = settings
@@ -78,7 +82,7 @@ class Worker:
         self._journal = journal
         self._may_park = park
         self._exporter = exporter  # given: no connecting (tests use an in-memory one)
-        self.outcomes = Outcomes(dead_letters, experiment)
+        self.outcomes = outcomes if outcomes is not None else Outcomes(dead_letters, experiment)
         self.outcomes.spooling = journal is not None
         self._policy = RetryPolicy(
             settings.retry_deadline,
@@ -103,32 +107,12 @@ class Worker:
         self._tg: TaskGroup | None = None
         self._thread: threading.Thread | None = None
         self._done = threading.Event()  # the final tally is made: stopped for good
-        #: The counts close() settled on when the worker did not stop in time (see `join`).
-        self.final: Stats | None = None
         buffer.unpark = self._unpark
-
-    @property
-    def stats(self) -> Stats:
-        return self.outcomes.stats
-
-    @property
-    def unavailable(self) -> str | None:
-        return self.outcomes.unavailable
-
-    @property
-    def problem(self) -> str | None:
-        """Why nothing is delivered now, for status(): unavailable for good, or refused by
-        the store until its configuration (or ours) is fixed."""
-        return self.outcomes.unavailable or self.outcomes.misconfigured
 
     @property
     def journal_error(self) -> str | None:
         """Why the journal takes no more records (a full disk), or None."""
         return self._router.journal_error
-
-    @property
-    def import_error(self) -> str | None:
-        return self.outcomes.import_error
 
     @property
     def traces_status(self) -> str:
@@ -176,20 +160,13 @@ class Worker:
 
     def _settle(self) -> None:
         with self._state:
-            if self._done.is_set() or self.final is not None:
+            if self._done.is_set() or self.outcomes.final is not None:
                 return
-            final = dataclasses.replace(self.outcomes.stats)
-            queued, held = len(self._buffer), final.inflight
-            final.drained += queued
-            final.failed += queued  # never journalled
-            if self.outcomes.spooling:
-                final.spooled += held  # journalled; the journal stays for a sync
-            else:
-                final.failed += held
-            self.final = final
+            queued = len(self._buffer)
+            final = self.outcomes.settle(queued)
         log.error(
             "the worker did not stop in time; what it still held is counted as not delivered",
-            events=queued + held,
+            events=final.drained - final.finished + queued,
         )
 
     @property
@@ -236,7 +213,7 @@ class Worker:
     async def _main(self) -> bool:
         """Drain, route, repeat; until closed and idle, or aborted (False), or parked (True)."""
         if self._connected is None or (
-            self._sending.connection is None and self.unavailable is None
+            self._sending.connection is None and self.outcomes.unavailable is None
         ):
             self._connected = anyio.Event()
         idle_since = time.monotonic()
@@ -245,7 +222,7 @@ class Worker:
             self._tg = tg
             if not self._connected.is_set():
                 tg.start_soon(self._connect, self._connected)
-            self._restart_lanes()
+            self._router.restart()
             router = self._router
             while True:
                 # Sleep until a full batch waits (the hooks wake us), a marker comes, or the
@@ -284,29 +261,6 @@ class Worker:
             and not router.markers.closing
         )
 
-    def _restart_lanes(self) -> None:
-        """After a park, a crash, or a loop that went away under a task-mode worker: the
-        lanes with events get a task in the new loop. The part of a batch whose task was
-        cancelled in the middle of sending and that was not counted yet is sent again
-        (`Lane.rewind`: MLflow drops the metrics that land twice; the run is found before it
-        is created again)."""
-        for lane in {*self._router.open.values(), *self._router.busy}:
-            if not lane.created.is_set():  # its creation was cut off: a new event to wait on
-                lane.created = anyio.Event()
-        for lane in list(self._router.busy):
-            lane.running = False
-            if lane.sending:
-                rest = lane.rewind()
-                lane.pending = rest + lane.pending
-                lane.boundaries += sum(1 for e in rest if e.__class__ is not Step)
-                lane.pending_bytes += lane.sending_bytes
-                lane.sending_bytes = 0.0
-            if lane.pending:
-                self._spawn(lane)
-            else:
-                self._router.busy.discard(lane)
-        self._router.markers.check()
-
     def _recover(self, exc: BaseException) -> None:
         """The loop crashed (a bug): what was in flight is counted failed; the buffer, the
         backlog and the runs open in MLflow stay as they are for the next loop."""
@@ -317,68 +271,25 @@ class Worker:
             events=lost,
             exc_info=exc,
         )
-        self.stats.last_error = redact_text(f"worker crashed: {exc!r}")[:500]
-        self.stats.failed += lost
+        self.outcomes.crashed(lost, exc)
         self._router.recover()
-        for lane in self._router.open.values():  # to be created again: a new event to wait on
-            if lane.recreate:
-                lane.created = anyio.Event()
 
     async def _connect(self, connected: anyio.Event) -> None:
-        """Import mlflow and reach the store; retried (by the policy of every call) until it
-        works or the sink is closed. The loop drains (and journals) meanwhile: a server that
-        is down at start costs nothing but the wait."""
-
-        def retrying(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            self.stats.retried += 1
-            if exc is not None:
-                self.outcomes.note_error("connect", exc)
-            log.warning(
-                "tracking store unreachable, retrying",
-                retry_in=round(state.upcoming_sleep, 2),
-                tracking_uri=redact_uri(self._tracking_uri),
-                error=redact_text(str(exc))[:300],
-            )
-
-        def worth_a_retry(exc: BaseException) -> bool:  # any trouble reaching a store
-            return isinstance(exc, Exception) and not isinstance(
-                exc, (ImportError, ExperimentDeleted, Misconfigured)
-            )
-
-        async def reach() -> Exporter:
-            return await anyio.to_thread.run_sync(
-                connect,
+        """Reach the store (`_connect.establish`); the loop drains (and journals) meanwhile."""
+        try:
+            connection = await establish(
                 self._tracking_uri,
                 self._experiment,
                 self._settings,
-                abandon_on_cancel=True,
+                self._policy,
+                self.outcomes,
+                self._exporter,
             )
-
-        try:
-            exporter = self._exporter
-            if exporter is None:
-                exporter = await self._policy.run(
-                    reach, retry_on=worth_a_retry, forever=True, before_sleep=retrying
-                )
-            assert exporter is not None
-            connection = Connection(exporter, self._settings.max_in_flight, self._policy)
-            self.outcomes.connected(connection.experiment_id, connection.experiment_state)
-            log.info(
-                "connected",
-                tracking_uri=redact_uri(connection.tracking_uri),
-                experiment=self._experiment,
-                experiment_id=connection.experiment_id,
-            )
-            self._sending.connection = connection
-            self.resolved_uri = redact_uri(connection.tracking_uri)  # after: see cli.Progress
-        except ImportError as exc:
-            self.outcomes.import_error = f"unavailable: {exc}"
-            self.outcomes.set_unavailable(self.outcomes.import_error)
-            log.error("mlflow cannot be imported; events are discarded", error=str(exc))
-            self._buffer.close()
-        except ExperimentDeleted as exc:
-            self.outcomes.set_unavailable(f"unavailable: {exc}")
+            if connection is not None:
+                self._sending.connection = connection
+                self.resolved_uri = redact_uri(connection.tracking_uri)  # after: cli.run.Progress
+            elif self.outcomes.import_error is not None:
+                self._buffer.close()  # nothing will ever be sent: the hooks' events are dropped
         finally:
             connected.set()
 
@@ -389,13 +300,17 @@ class Worker:
         self._tg = None  # routed from now on, never sent by a lane
         left = self._router.drain_rest(self._stop_by if self._abort else None)
         if left:
-            self._count_unrouted()
-        if self._abort and self._sending.connection is not None and self.unavailable is None:
+            self._router.count_unrouted()
+        if (
+            self._abort
+            and self._sending.connection is not None
+            and self.outcomes.unavailable is None
+        ):
             self._policy.closing = True
             with anyio.move_on_after(max(0.0, self._stop_by - time.monotonic())):
                 await self._last_attempt()
         self._report_drops(quiet=0.0)
-        lost = self.stats.inflight
+        lost = self.outcomes.stats.inflight
         if lost:
             self.outcomes.give_up(lost)
             log.error(
@@ -403,82 +318,31 @@ class Worker:
                 if self.outcomes.spooling
                 else "worker stopped with events undelivered; they are lost (no spool)",
                 events=lost,
-                delivered=self.stats.delivered,
+                delivered=self.outcomes.stats.delivered,
             )
         if self._journal is not None:
             # After a write failure, events that did not land may be in it: keep it then.
-            failed_after = self.journal_error is not None and self.stats.failed > 0
+            failed_after = self.journal_error is not None and self.outcomes.stats.failed > 0
             self._journal.close(remove=not (self.outcomes.keep_journal or failed_after))
-
-    def _count_unrouted(self) -> None:
-        """The deadline ran out before the rest of the buffer could be taken: counted failed
-        (not journalled, not sent), markers released."""
-        rest = self._buffer.drain(len(self._buffer))
-        events = countable(rest)
-        self.stats.drained += events
-        self.outcomes.tally(None, "failed", events)
-        for item in rest:
-            if isinstance(item, Marker):
-                item.done.set()
-        log.error("close deadline ran out before these events could be taken", events=events)
+        if self._sending.connection is not None:  # the exporter's HTTP session, say
+            self._sending.connection.close()
 
     async def _last_attempt(self) -> None:
         """The close deadline ran out: every run the caller started is created if it was
-        not yet, and ended: FINISHED with its summary if its end came (routed, or in the
-        batch a cancelled lane was sending), else KILLED. Steps still waiting are not sent."""
-        async with anyio.create_task_group() as tg:
-            for lane in self._router.busy | self._sending.unended:
-                unsent = lane.sending + lane.pending
-                lane.sending, lane.pending, lane.boundaries = [], [], 0
-                end = next((e for e in unsent if isinstance(e, RunEnd)), None)
-                if end is None or end.own:
-                    end = RunEnd(
-                        lane.run_id, time.time(), None, None, None, None, "KILLED", None, True
-                    )
-                create = lane.mlflow_id is None and lane.start_error is None
-                tg.start_soon(lane.close_at_deadline, end, create, self._sending)
-
-    # -- lanes ----------------------------------------------------------------------------------
+        not yet, and ended: FINISHED with its summary if its end came, else KILLED."""
+        jobs = self._router.last_attempt(self._sending.unended)
+        await run_calls.last_attempt(jobs, self._sending, self._stop_by)
 
     def _spawn(self, lane: Lane) -> None:
-        if self._tg is None:  # the loop is over: what is routed now waits for _last_attempt
+        """A lane with events and no task gets one (none once the loop is over: what is
+        routed then waits for `_last_attempt`)."""
+        if self._tg is None:
             return
-        lane.running = True
-        self._tg.start_soon(self._drive, lane, name=f"lane {lane.run_id[:80]}")
-
-    async def _drive(self, lane: Lane) -> None:
-        """A lane's task: send its batches one after the other, and count them done."""
         assert self._connected is not None
-        await self._connected.wait()
-        router = self._router
-        while lane.pending:
-            batch, lane.pending = lane.pending, []
-            lane.sending_bytes, lane.pending_bytes = lane.pending_bytes, 0.0
-            boundaries, lane.boundaries = lane.boundaries, 0
-            lane.sending, lane.resume = batch, 0
-            before = lane.finished
-            try:
-                if self._sending.connection is None or self.unavailable is not None:
-                    self.outcomes.give_up(countable(batch), lane)
-                else:
-                    await lane.send(batch, self._sending, boundaries)
-            except Exception as exc:  # a bug of ours: this batch alone pays for it
-                lost = countable(batch) - (lane.finished - before)
-                log.exception(
-                    "internal error sending a run's events; they are counted failed",
-                    run_id=lane.run_id,
-                    events=lost,
-                    error=repr(exc)[:300],
-                )
-                self.outcomes.tally(lane, "failed", max(0, lost))
-            lane.completed += len(batch)
-            lane.sending, lane.sending_bytes = [], 0.0
-            if not lane.pending:
-                router.busy.discard(lane)
-            router.markers.check()
-            if len(self._buffer) or router.backlog:  # room was made: the loop may take more
-                self._buffer.wakeup.set()
-        lane.running = False
+        name = f"lane {lane.run_id[:80]}"
+        self._tg.start_soon(
+            lane.drive, self._sending, self._connected, self._router.batch_done, name=name
+        )
 
     def _report_drops(self, quiet: float) -> None:
         burst = self._buffer.take_drop_burst(quiet)
