@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Every contender on the same workload and servers, interleaved rounds, medians and ratios;
 # writes benchmarks/results/latest.json and bench.png.
