@@ -21,6 +21,7 @@ from collections.abc import Callable
 from ._event import Event, Marker, RunEvent, Step
 from ._log import log
 from ._outcomes import Outcomes
+from ._settings import WhenFull
 from ._spill import Spill
 
 
@@ -30,7 +31,7 @@ class Buffer:
         maxsize: int,
         wake_at: int,
         put_timeout: float,
-        policy: str = "block",
+        policy: WhenFull = "block",
         overflow: Spill | None = None,
         overflow_max_bytes: int = 0,
         outcomes: Outcomes | None = None,

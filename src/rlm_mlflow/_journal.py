@@ -38,6 +38,7 @@ from ._deadletter import open_owner_only, owner_only_dir
 from ._destination import normalise
 from ._event import RunEvent, RunStart
 from ._records import Position, _jsonable, frame
+from ._settings import Fsync
 
 SEGMENT_BYTES = 16 << 20
 SPILL_FILE = "spill.log"
@@ -121,7 +122,7 @@ class Journal:
     """The live sink's own journal (written by the worker thread only)."""
 
     def __init__(
-        self, spool_dir: Path, max_bytes: int, meta: dict[str, Any], fsync: str = "batch"
+        self, spool_dir: Path, max_bytes: int, meta: dict[str, Any], fsync: Fsync = "batch"
     ) -> None:
         self._durable = fsync != "never"
         owner_only_dir(spool_dir)

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 ENV_PREFIX = "DSPY_RLM_MLFLOW_"
 
@@ -14,10 +14,15 @@ ENV_PREFIX = "DSPY_RLM_MLFLOW_"
 DEFAULT_EXPERIMENT = "rlm-code-rlm"
 
 #: The full-buffer policies (see `Settings.when_full`).
-WHEN_FULL = ("block", "drop_newest", "drop_oldest", "spill")
+WhenFull = Literal["block", "drop_newest", "drop_oldest", "spill"]
+WHEN_FULL: tuple[WhenFull, ...] = get_args(WhenFull)
 
 #: The spool's durability levels (see `Settings.fsync`).
-FSYNC = ("never", "batch", "always")
+Fsync = Literal["never", "batch", "always"]
+FSYNC: tuple[Fsync, ...] = get_args(Fsync)
+
+#: Field types read as text (the two Literals are checked against their values).
+TEXT_TYPES = ("str", "WhenFull", "Fsync")
 
 #: MLflow rejects a ``log_batch`` call with more than this many metrics.
 MLFLOW_MAX_METRICS_PER_BATCH = 1000
@@ -61,7 +66,7 @@ class Settings:
     close_timeout: float = _setting(
         30.0, "Seconds flush() and close() (also the close at interpreter exit) wait by default."
     )
-    when_full: str = _setting(
+    when_full: WhenFull = _setting(  # noqa: RUF009 (a field(), as for every setting)
         "block",
         "What a hook does when the buffer is full: block (up to put_timeout, then drop), "
         "drop_newest, drop_oldest, or spill (to the spool; needs spool_dir).",
@@ -69,7 +74,7 @@ class Settings:
     spool_dir: str = _setting(
         "", "Directory of the write-ahead journal; empty: no journal (events live in memory)."
     )
-    fsync: str = _setting(
+    fsync: Fsync = _setting(  # noqa: RUF009 (a field(), as for every setting)
         "batch",
         "Durability of the spool: never (survives a crash of the process), batch (one fsync "
         "per drain: survives a power cut but for the drain being written), always (also every "
@@ -111,8 +116,8 @@ class Settings:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in ("str", "bool"):
-                kind = str if f.type == "str" else bool
+            if f.type in (*TEXT_TYPES, "bool"):
+                kind = bool if f.type == "bool" else str
                 if not isinstance(value, kind):
                     raise ValueError(
                         f"{f.name} (env {env_name(f.name)}) must be a {f.type}, got {value!r}"
@@ -150,7 +155,7 @@ class Settings:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(env_name(f.name))
-            if raw is None or (raw.strip() == "" and f.type != "str"):
+            if raw is None or (raw.strip() == "" and f.type not in TEXT_TYPES):
                 continue
             kind = PARSERS[str(f.type)]
             try:
@@ -185,4 +190,11 @@ def strict_bool(raw: str) -> bool:
 
 
 #: How a setting's environment variable (or flag) is read, by the field's type.
-PARSERS: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": strict_bool}
+PARSERS: dict[str, Any] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "WhenFull": str,
+    "Fsync": str,
+    "bool": strict_bool,
+}
