@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +16,15 @@ from typing import Any
 import pytest
 from conftest import Readback
 from mlflow import MlflowClient
-from support.checks import assert_exactly_once
+from support.checks import assert_exactly_once, wait_until
 from support.children import CLI
 from support.servers import FaultProxy, MlflowServer, free_port
 
 from rlm_mlflow import MLflowSink
 from rlm_mlflow._event import RunEnd, RunStart, Step
 from rlm_mlflow._journal import Journal, journal_meta
+from rlm_mlflow._orphans import read_journal
+from rlm_mlflow._records import Problem
 
 
 def paced_run(
@@ -64,22 +65,21 @@ def own_server(tmp_path: Path) -> Iterator[MlflowServer]:
 def test_server_killed_mid_run_and_restarted_loses_nothing(
     own_server: MlflowServer, experiment: str
 ) -> None:
+    """The server is stopped a quarter into the run, once some of it landed, and started
+    again once the sink has met the outage (a retry counted): signals, not times."""
     own_server.start()
     sink = MLflowSink(True, experiment=experiment, tracking_uri=own_server.url, retry_deadline=60)
-    restarted = threading.Event()
+    readback = Readback(own_server.url, experiment)
 
-    def outage() -> None:
-        time.sleep(1.0)
-        own_server.stop()
-        time.sleep(5.0)
-        own_server.start()
-        restarted.set()
+    def outage(step: int) -> None:
+        if step == 4_999:
+            wait_until(lambda: "survivor" in readback.runs(), what="the run to be in MLflow")
+            own_server.stop()
+        elif step == 14_999:
+            wait_until(lambda: sink.status()["retried"] > 0, what="the sink to meet the outage")
+            own_server.start()
 
-    killer = threading.Thread(target=outage)
-    killer.start()
-    paced_run(sink, "survivor", 20_000, seconds=4.0)
-    killer.join()
-    assert restarted.is_set()
+    paced_run(sink, "survivor", 20_000, seconds=4.0, on_step=outage)
     assert sink.close(timeout=90)
 
     assert_exactly_once(Readback(own_server.url, experiment), "survivor", 20_000)
@@ -218,6 +218,18 @@ for step in range(1_000_000):
 """
 
 
+def journalled_step(spool: Path) -> int:
+    """The highest step in the journals of ``spool`` (-1: none yet); a record being written
+    (its tail torn) is not counted."""
+    highest = -1
+    for journal_dir in spool.glob("journal-*"):
+        for _, _, item in read_journal(journal_dir, (0, 0)):
+            if not isinstance(item, Problem):
+                steps = [e.step for e in item if isinstance(e, Step)]
+                highest = max([highest, *steps])
+    return highest
+
+
 def test_a_sigkilled_process_is_delivered_by_the_next_start_on_its_spool(
     mlflow_server: MlflowServer, tmp_path: Path, experiment: str
 ) -> None:
@@ -227,19 +239,20 @@ def test_a_sigkilled_process_is_delivered_by_the_next_start_on_its_spool(
         [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True
     )
     assert child.stdout is not None
-    seen = []
-    started = time.monotonic()
-    for line in child.stdout:
-        if not line.strip().isdigit():  # a log line
-            continue
-        seen.append((time.monotonic(), int(line)))
-        if time.monotonic() - started > 3.0:
-            break
-    child.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    child.wait()
-    # Every step hooked at least a second before the kill was drained and journalled.
-    surely_journalled = max(step for t, step in seen if t < killed_at - 1.0)
+    try:
+        for line in child.stdout:  # the child says where it is
+            if line.strip().isdigit() and int(line) >= 2_000:
+                break
+        # What its journal holds now (read from disk, as the next start will) is what must
+        # land: killed after this, it cannot take it back.
+        surely_journalled = wait_until(
+            lambda: (step := journalled_step(spool)) >= 1_000 and step,
+            what="the child's journal to hold a thousand steps",
+        )
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
 
     sink = MLflowSink(
         True, experiment=experiment, tracking_uri=mlflow_server.url, spool_dir=str(spool)

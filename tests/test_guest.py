@@ -85,12 +85,26 @@ def test_the_host_decides_what_our_log_lines_look_like_and_can_silence_them(
 
 
 SIGTERMED = """
-import signal, sys, time
+import signal, sys, threading, time
 from rlm_mlflow import MLflowSink
 sink = MLflowSink(True, experiment="x", tracking_uri={url!r}, close_timeout=3,
                   queue_size=10, put_timeout=60)
 sink.on_run_start("r", task="t", environment="e", params={{}})
 print("handler", signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL, flush=True)
+
+def say_when_inside(names):  # prints "inside" once the main thread waits in the action
+    main = threading.main_thread().ident
+    while True:
+        frame, stack = sys._current_frames().get(main), set()
+        while frame is not None:
+            stack.add(frame.f_code.co_name)
+            frame = frame.f_back
+        if "wait" in stack and stack & names:
+            print("inside", flush=True)
+            return
+        time.sleep(0.005)
+
+threading.Thread(target=say_when_inside, args=({inside!r},), daemon=True).start()
 {action}
 print("not reached", flush=True)
 """
@@ -102,19 +116,25 @@ ACTIONS = {
         "    sink.on_step('r', event={'step': i, 'reward': 1.0}, cumulative_reward=1.0)"
     ),
 }
+#: The function the main thread waits in, in each action (the child says when it is there).
+INSIDE = {
+    "during-close": {"close"},
+    "during-flush": {"flush"},
+    "during-a-blocked-hook": {"_wait_for_room"},
+}
 
 
 @pytest.mark.parametrize("action", sorted(ACTIONS))
 def test_sigterm_never_deadlocks_and_exits_within_the_close_timeout(action: str) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # unreachable: every wait runs to its end
-    code = textwrap.dedent(SIGTERMED.format(url=url, action=ACTIONS[action]))
+    code = textwrap.dedent(SIGTERMED.format(url=url, action=ACTIONS[action], inside=INSIDE[action]))
     process = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         assert process.stdout is not None
         assert process.stdout.readline().split() == ["handler", "True"]
-        time.sleep(1.0)  # now inside the action
+        assert process.stdout.readline().split() == ["inside"]  # the child says where it is
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
         returncode = process.wait(timeout=3 + 10)
@@ -129,7 +149,9 @@ def test_sigterm_never_deadlocks_and_exits_within_the_close_timeout(action: str)
 
 def test_sigterm_handling_can_be_turned_off() -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    code = textwrap.dedent(SIGTERMED.format(url=url, action=ACTIONS["during-flush"]))
+    code = textwrap.dedent(
+        SIGTERMED.format(url=url, action=ACTIONS["during-flush"], inside=INSIDE["during-flush"])
+    )
     process = subprocess.Popen(
         [sys.executable, "-c", code],
         stdout=subprocess.PIPE,

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import anyio
 
 from . import _run_calls as calls
+from ._counters import Outcome
 from ._event import Event, Marker, RunEnd, RunStart, Step
 from ._log import log
-from ._outcomes import Outcome
 from ._run import Run
 from ._sending import Sending
 
@@ -60,6 +60,15 @@ class Lane:
         self.pending_bytes += weight
         if event.__class__ is not Step:
             self.boundaries += 1
+        if self.running:
+            return False
+        self.running = True
+        return True
+
+    def enqueue_steps(self, steps: list[Event], weight: float) -> bool:
+        """`enqueue` for plain steps (no boundary among them), all at once."""
+        self.pending.extend(steps)
+        self.pending_bytes += weight
         if self.running:
             return False
         self.running = True

@@ -12,67 +12,22 @@ never shows an event taken from the buffer and not yet counted as taken.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tenacity import RetryCallState
 
+from ._counters import Outcome, Stats
 from ._deadletter import DeadLetters
-from ._event import Event, RunEnd, RunStart, Step
+from ._event import Event, RunEnd, RunEvent, RunStart, Step
 from ._limits import show
 from ._log import log
+from ._payload import BadInput, admit
 from ._redact import redact_text
 from .exporters.base import ExperimentDeleted, Misconfigured, is_kept
-
-
-class Outcome(enum.Enum):
-    """Where an event ended; the value is its counter in `Stats` (and in ``status()``)."""
-
-    DELIVERED = "delivered"
-    REJECTED = "rejected"
-    DEAD_LETTERED = "dead_lettered"
-    SPOOLED = "spooled"
-    FAILED = "failed"
-    DISCARDED = "discarded"
-
-
-@dataclass
-class Stats:
-    """The counters; written by `Outcomes` only, copied whole by `Outcomes.snapshot`."""
-
-    drained: int = 0  # taken from the buffer (markers aside)
-    delivered: int = 0
-    rejected: int = 0  # bad input, refused before sending
-    dead_lettered: int = 0  # refused by MLflow for good; written to the dead-letter file
-    failed: int = 0  # not delivered (unreachable past the deadline, or unavailable), no spool
-    spooled: int = 0  # not delivered, kept in the journal for a later sync
-    discarded: int = 0  # drained while mlflow cannot be imported
-    dropped: int = 0  # not taken by the buffer (full, or the sink closed)
-    hook_errors: int = 0  # hook calls that failed inside the sink (status' rejected)
-    retried: int = 0
-    skipped: int = 0  # parts of an event not logged: non-scalar params, a missing run path
-    last_error: str | None = None
-
-    @property
-    def finished(self) -> int:
-        return (
-            self.delivered
-            + self.rejected
-            + self.dead_lettered
-            + self.failed
-            + self.spooled
-            + self.discarded
-        )
-
-    @property
-    def inflight(self) -> int:
-        """Drained and not finished yet."""
-        return self.drained - self.finished
 
 
 class Counted(Protocol):
@@ -224,6 +179,21 @@ class Outcomes:
         """One part of an event not logged (its run path, say): counted, and said."""
         self.skipped_parts(1)
         log.warning(message, **fields)
+
+    def admitted(self, event: RunEvent, text_limit: int) -> RunEvent | None:
+        """``event`` as admitted (`_payload.admit`: the one place where values are checked),
+        or None: rejected (counted, and said), alone."""
+        try:
+            admitted, problems = admit(event, text_limit)
+        except BadInput as exc:
+            self.reject(event, str(exc))
+            return None
+        except Exception as exc:  # a value that broke a check: reject it, alone
+            self.reject(event, f"cannot be read: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+        if problems:
+            self.skipped(admitted.run_id, hook_name(admitted), problems)
+        return admitted
 
     def skipped_parts(self, parts: int) -> None:
         """Parts of events not logged, already said (a store without traces, say)."""

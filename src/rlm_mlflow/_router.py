@@ -1,12 +1,10 @@
 """Routing: from the buffer to one lane per run, in the order the hooks were called. Synchronous
-(no anyio): the worker's loop calls `Router.take` between its waits, and drives the lanes.
+(no anyio): the worker's loop calls `Router.take` between its waits.
 
-A round drains the buffer, admits every event (`_payload.admit`: the one place where values
-are checked; a bad one is rejected alone), journals the drain when there is a spool, and
-routes the events to their run's lane; flush/close markers and the journal's acks go to
-`_markers`. What is held in memory is bounded in events (``queue_size``) and in bytes (half
-of ``memory_max_bytes``' share, estimated by `_memory`; the buffer's bound is lowered to fit the
-other half). When what is in flight holds all it may, a spool takes the drains instead
+A round drains the buffer, admits every event (`Outcomes.admitted`: a bad one is rejected
+alone), journals the drain when there is a spool, and routes the events to their run's lane;
+flush/close markers and the journal's acks go to `_markers`. What is held in memory is bounded
+(`_budget`). When what is in flight holds all it may, a spool takes the drains instead
 (`_backlog`), and they come back from it as room is made; without one the worker stops
 taking, the buffer fills, and its full-buffer policy applies.
 """
@@ -16,18 +14,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from . import _payload as payload
 from ._backlog import Backlog
 from ._budget import Budget
 from ._buffer import Buffer
+from ._counters import Outcome
 from ._event import Event, Marker, RunEnd, RunEvent, RunStart, Step
 from ._journal import Journal
 from ._lane import Lane, countable
 from ._log import log
 from ._markers import Markers
 from ._memory import STEP_INFLIGHT_BYTES
-from ._outcomes import Outcome, Outcomes, hook_name
-from ._payload import admit, is_plain_step
+from ._outcomes import Outcomes, hook_name
+from ._payload import is_plain_step
 from ._records import Position, Problem
 from ._run import Run
 from ._settings import Settings
@@ -100,14 +98,19 @@ class Router:
 
     def route_all(self, drained: list[Event]) -> None:
         """Admit, journal and route one drain, in order. Steps that are already plain (the
-        common case by far) take a short way: no second event, no call per step."""
+        common case by far) take a short way: no second event, no call per step; they are
+        gathered per lane and handed over at once, before anything else is routed (so each
+        lane's order holds, and a marker counts them)."""
         writable = self.journal is not None and self.journal_error is None
         journalled: list[RunEvent] | None = [] if writable else None
         open_, unavailable = self.open, self._outcomes.unavailable is not None
+        plain: dict[Lane, list[Event]] = {}
         extras = 0
         for item in drained:
             try:
                 if isinstance(item, Marker):
+                    if plain:
+                        self._enqueue_plain(plain)
                     self.add_marker(item)
                     continue
                 if isinstance(item, Step) and item[5] is None:
@@ -118,21 +121,28 @@ class Router:
                     ):
                         if journalled is not None:
                             journalled.append(item)
-                        self.enqueue(lane, item, STEP_INFLIGHT_BYTES)
+                        if (steps := plain.get(lane)) is None:
+                            plain[lane] = [item]
+                        else:
+                            steps.append(item)
                         continue
                 elif item.__class__ is Step:
                     extras += 1
                     self._budget.raw.weigh(item.extra)
-                event = self._admit(item)
+                event = self._outcomes.admitted(item, self._settings.trace_text_limit)
                 if event is None:
                     continue
                 if journalled is not None:
                     journalled.append(event)
+                if plain:
+                    self._enqueue_plain(plain)
                 self._route(event)
             except Exception as exc:  # a bug of ours: this event alone pays for it
                 log.exception("internal error routing an event", error=repr(exc)[:300])
                 if not isinstance(item, Marker):
                     self._outcomes.record(Outcome.FAILED, 1, f"routing: {exc!r}"[:300])
+        if plain:
+            self._enqueue_plain(plain)
         position = self._journal_append(journalled) if journalled else None
         self._budget.resize(len(drained), extras, len(self.open))
         if position is not None:
@@ -153,7 +163,9 @@ class Router:
                 extras += 1
                 self._budget.raw.weigh(item.extra)
             plain = item.__class__ is Step and item[5] is None and is_plain_step(item)
-            event = item if plain else self._admit(item)
+            event = (
+                item if plain else self._outcomes.admitted(item, self._settings.trace_text_limit)
+            )
             if event is not None:
                 events.append(event)
         self._to_backlog(events)
@@ -190,19 +202,6 @@ class Router:
                         self._outcomes.record(Outcome.FAILED, 1, f"routing: {exc!r}"[:300])
             if end is not None:
                 self._ack_after(end)
-
-    def _admit(self, event: RunEvent) -> RunEvent | None:
-        try:
-            admitted, problems = admit(event, self._settings.trace_text_limit)
-        except payload.BadInput as exc:
-            self._outcomes.reject(event, str(exc))
-            return None
-        except Exception as exc:  # a value that broke a check: reject it, alone
-            self._outcomes.reject(event, f"cannot be read: {type(exc).__name__}: {str(exc)[:200]}")
-            return None
-        if problems:
-            self._outcomes.skipped(admitted.run_id, hook_name(admitted), problems)
-        return admitted
 
     def _journal_append(self, events: list[RunEvent]) -> Position | None:
         journal = self.journal
@@ -254,6 +253,13 @@ class Router:
             self.busy.add(lane)
             self._spawn(lane)
 
+    def _enqueue_plain(self, plain: dict[Lane, list[Event]]) -> None:
+        for lane, steps in plain.items():
+            if lane.enqueue_steps(steps, STEP_INFLIGHT_BYTES * len(steps)):
+                self.busy.add(lane)
+                self._spawn(lane)
+        plain.clear()
+
     def batch_done(self, lane: Lane) -> None:
         """A lane sent a batch: markers may be done, and room was made for more."""
         if not lane.pending:
@@ -288,9 +294,8 @@ class Router:
             self._journal_failed(exc)
 
     def recover(self) -> None:
-        """After a crash of the loop (what was in flight is counted failed by the worker):
-        the lanes let go of their events; runs whose creation was lost will be created
-        again, so that their later events still land."""
+        """After a crash of the loop (what was in flight is counted failed): the lanes let go
+        of their events; runs whose creation was lost will be created again."""
         for lane in self.busy:
             lane.drop_all()
         self.busy.clear()
@@ -311,10 +316,9 @@ class Router:
         self.markers.check()
 
     def last_attempt(self, unended: set[Run]) -> list[tuple[Run, RunEnd, bool]]:
-        """The close deadline ran out: what to do for every run the caller started: its end
-        (FINISHED with its summary if it came, routed or in the batch a cancelled lane was
-        sending, else the sink's KILLED), and whether it must be created first. The lanes
-        give up the rest: steps still waiting are not sent."""
+        """The close deadline ran out: for every run the caller started, its end (its own if
+        it came, else the sink's KILLED) and whether it must be created first. The lanes give
+        up the rest: steps still waiting are not sent."""
         ends: dict[Run, RunEnd | None] = {lane.run: lane.take_unsent() for lane in self.busy}
         for run in unended:
             ends.setdefault(run, None)

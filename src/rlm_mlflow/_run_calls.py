@@ -17,9 +17,9 @@ import anyio
 from . import _payload as payload
 from . import _run_extras as run_extras
 from . import _spans as spans_
+from ._counters import Outcome
 from ._event import RunEnd, Step
 from ._log import log
-from ._outcomes import Outcome
 from ._run import Run
 from ._sending import Sending
 from ._trajectory import Span

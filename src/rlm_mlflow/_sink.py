@@ -148,9 +148,9 @@ class MLflowSink(Hooks):
         """Flush, end every run still open as KILLED, and stop the worker. Idempotent.
 
         Returns True when everything accepted was finished in time. When ``timeout`` (default:
-        the ``close_timeout`` setting) runs out first, its last seconds (at most
-        ``LAST_ATTEMPT_S``) go to a last attempt that ends every run created in MLflow
-        (FINISHED with its summary if its end came, else KILLED), and every event not
+        the ``close_timeout`` setting) runs out first, its last seconds (`last_attempt_reserve`)
+        go to a last attempt that ends every run (FINISHED with its summary if its end came,
+        else KILLED; terminated first, summaries after), and every event not
         delivered is counted failed (or spooled): nothing stays pending. Hooks called after
         close do nothing (each is counted as dropped).
         """

@@ -1,21 +1,13 @@
 """The worker's loop: one anyio event loop, in a thread of its own or as a task of the caller's.
 
-It connects (`_connect.connect`, retried by the same policy as every call), drains the
-buffer, admits each event (`_payload.admit`: the one place where values are checked; a bad
-one is rejected alone), journals the drain when there is a spool, and routes the events, in
-the order the hooks were called, to one `Lane` per run, whose task sends them. Flush and
-close markers complete once every event before them has finished; the journal's acks advance
-the same way. Lanes of different runs never wait on each other.
-
-Nothing is lost on the way: an internal error costs only its event or its lane's batch, a
-crash of the loop counts what was in flight and starts the loop again, and a close whose
-deadline runs out still ends every run it can in a short last attempt and counts the rest.
-A worker with nothing to do for `IDLE_PARK_S` lets its thread go; the next event starts it
-again.
-
-Longer than its neighbours because the loop owns every way an event could get lost (a crash,
-a close deadline, a park), each in a method of its own; the sending is the lane's
-(`_lane`), the counting the outcomes' (`_outcomes`).
+It reaches the store (`_connect.establish`, retried by the same policy as every call), and
+then, between its waits, has the router take from the buffer (`_router`: admit, journal,
+route to one `Lane` per run); each lane's task sends its run's events (`Lane.drive`). The
+loop itself only starts, waits, parks and stops, and keeps every way an event could get lost
+counted: a crash of the loop counts what was in flight and starts the loop again, a close
+whose deadline runs out ends every run in a short last attempt (`_run_calls.last_attempt`)
+and counts the rest. A worker with nothing to do for `IDLE_PARK_S` lets its thread go; the
+next event starts it again.
 """
 
 from __future__ import annotations
@@ -162,11 +154,11 @@ class Worker:
         with self._state:
             if self._done.is_set() or self.outcomes.final is not None:
                 return
-            queued = len(self._buffer)
-            final = self.outcomes.settle(queued)
+            queued, held = len(self._buffer), self.outcomes.stats.inflight
+            self.outcomes.settle(queued)
         log.error(
             "the worker did not stop in time; what it still held is counted as not delivered",
-            events=final.drained - final.finished + queued,
+            events=queued + held,
         )
 
     @property

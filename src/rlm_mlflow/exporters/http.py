@@ -1,13 +1,13 @@
 """What a tracking server's HTTP answer means: MLflow's answer to what we sent, or a failure of
-one of three kinds (DESIGN.md, "Responses, destinations, bytes").
+one of three kinds (docs/deployments.md, "Three kinds of failure").
 
 A 2xx is a delivery only if its body is MLflow's: a JSON object (or, from ``/v1/traces``,
-OTLP's protobuf), never an HTML page. Failures are *transient* (408, 429, 5xx, no answer:
-`HttpError` / `Unreachable`, retried to the deadline), *configuration* (401, 403, a redirect
-that turns our POST into a GET, no MLflow API at the path, a body that is not MLflow's, a TLS
-check that fails: `Misconfigured`, with the cause and the remedy in one line), or MLflow's own
-refusal with its JSON error (`HttpError`: bisected when it refuses a value, see
-`is_entity_error`).
+OTLP's protobuf), never an HTML page. Failures are *transient* (408, 429, 500, 502, 503, 504,
+no answer: `HttpError` / `Unreachable`, retried to the deadline), *configuration* (401, 403,
+a redirect that turns our POST into a GET, no MLflow API at the path, a body that is not
+MLflow's, a TLS check that fails: `Misconfigured`, with the cause and the remedy in one
+line), or MLflow's own refusal with its JSON error (`HttpError`: bisected when it refuses a
+value, see `is_entity_error`).
 """
 
 from __future__ import annotations
