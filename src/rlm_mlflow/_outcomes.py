@@ -127,8 +127,11 @@ class Outcomes:
         """A copy of the counters, and the events ``queued`` says wait in the buffer, read
         under the lock (the final counts once a close settled on them: nothing queued)."""
         with self._lock:
-            if self.final is not None:
-                return dataclasses.replace(self.final), 0
+            if self.final is not None:  # the hooks' own counts go on (a hook after close)
+                live = self.stats
+                return dataclasses.replace(
+                    self.final, dropped=live.dropped, hook_errors=live.hook_errors
+                ), 0
             return dataclasses.replace(self.stats), queued()
 
     def settle(self, queued: int) -> Stats:
