@@ -338,3 +338,19 @@ def test_bad_events_are_counted_and_their_neighbours_land(
     warnings = [e for e in logs if e["log_level"] == "warning"]
     assert all("reason" in e or "params" in e or "error" in e for e in warnings)
     assert len(warnings) < 12, "rejections are logged once per run and hook, not per event"
+
+
+def test_a_hook_fed_unreadable_input_in_a_loop_logs_once_and_counts_every_call() -> None:
+    """A loop that hands a hook something it cannot read at every step (here, an ``event``
+    that is not a mapping) must not flood the host's log: one line per run, hook and kind of
+    error; every call counted in ``rejected``."""
+    sink = MLflowSink(True, experiment="x", tracking_uri="http://127.0.0.1:9")
+    with capture_logs() as logs:
+        for _ in range(1_000):
+            sink.on_step("flood", event=None, cumulative_reward=1.0)  # type: ignore[arg-type]
+        sink.on_step("other", event=None, cumulative_reward=1.0)  # type: ignore[arg-type]
+        status = sink.status()
+    sink.close(timeout=0)
+    said = [e for e in logs if str(e["event"]).startswith("hook input rejected")]
+    assert [e["run_id"] for e in said] == ["flood", "other"]
+    assert status["rejected"] == 1_001

@@ -193,15 +193,24 @@ class Hooks:
             detail = str(exc)[:200]
         except Exception:  # an exception that cannot print itself
             detail = "?"
+        shown = run_id[:200] if isinstance(run_id, str) else show(run_id)
+        key = (shown, hook, type(exc).__name__)
+        logged = _hook_errors_logged
+        if key in logged:  # said once per run, hook and kind of error; counted every time
+            return
+        if len(logged) < 10_000:
+            logged.add(key)
         log.warning(
-            "hook input rejected",
+            "hook input rejected; further ones of this run, hook and error are only counted",
             hook=hook,
-            run_id=run_id[:200] if isinstance(run_id, str) else show(run_id),
+            run_id=shown,
             error=f"{type(exc).__name__}: {detail}",
         )
 
 
 _new = tuple.__new__
+#: (run id, hook, error type) of the hook failures already logged, in this process.
+_hook_errors_logged: set[tuple[str, str, str]] = set()
 
 
 def _field(result: Any, name: str, default: Any) -> Any:
