@@ -280,7 +280,8 @@ async def last_attempt(jobs: list[tuple[Run, RunEnd, bool]], s: Sending, deadlin
                 tg.start_soon(_terminate, run, end_, s, failed[run])
     # a guess at what creating and ending one run takes: two calls as long as these were
     took = 2 * (time.monotonic() - started) / max(1, terminating) if terminating else 0.0
-    for run, end_, create_first in jobs:
+    for run, end_, create_first in sorted(jobs, key=lambda job: _depth(job[0])):
+        # a parent before its children: a child's creation waits for its parent's
         if create_first and not run.terminated:
             if time.monotonic() + 2 * took > deadline:
                 log.error(
@@ -295,6 +296,13 @@ async def last_attempt(jobs: list[tuple[Run, RunEnd, bool]], s: Sending, deadlin
         for run, end_ in to_end:
             if run.mlflow_id is not None:
                 tg.start_soon(_end_at_deadline, run, end_, s, failed[run])
+
+
+def _depth(run: Run) -> int:
+    depth, parent = 0, run.parent
+    while parent is not None:
+        depth, parent = depth + 1, parent.parent
+    return depth
 
 
 async def _create_and_terminate(
