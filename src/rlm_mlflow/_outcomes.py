@@ -49,6 +49,7 @@ class Outcomes:
     def __init__(self, dead_letters: DeadLetters | None, experiment: str) -> None:
         self.stats = Stats()  # read freely by the worker's loop; copied by `snapshot`
         self._lock = threading.Lock()
+        self._taking = threading.Lock()  # held while the buffer is drained (see `taking`)
         #: The counts a close settled on when the worker did not stop in time (`settle`).
         self.final: Stats | None = None
         self.dead_letters = dead_letters
@@ -90,13 +91,11 @@ class Outcomes:
     @contextmanager
     def taking(self) -> Iterator[Callable[[int], None]]:
         """Around a drain of the buffer: the events taken are counted in the same breath,
-        so that a snapshot sees each either in the buffer or as taken."""
-        with self._lock:
-
-            def took(events: int) -> None:
-                self.stats.drained += events
-
-            yield took
+        so that a snapshot sees each either in the buffer or as taken. A lock of its own, not
+        the counters' (a drain may wait for the buffer's lock, which a hook interrupted by a
+        SIGTERM handler may hold while the close settles the counters)."""
+        with self._taking:
+            yield self.took
 
     def took(self, events: int) -> None:
         """Events taken from the buffer outside a `taking` (what a close leaves over)."""
@@ -126,6 +125,16 @@ class Outcomes:
     def snapshot(self, queued: Callable[[], int]) -> tuple[Stats, int]:
         """A copy of the counters, and the events ``queued`` says wait in the buffer, read
         under the lock (the final counts once a close settled on them: nothing queued)."""
+        # Not forever: should a drain be stuck (see `taking`), a status one drain off is
+        # better than a status() that never returns.
+        between_drains = self._taking.acquire(timeout=0.5)
+        try:
+            return self._copy(queued)
+        finally:
+            if between_drains:
+                self._taking.release()
+
+    def _copy(self, queued: Callable[[], int]) -> tuple[Stats, int]:
         with self._lock:
             if self.final is not None:  # the hooks' own counts go on (a hook after close)
                 live = self.stats
