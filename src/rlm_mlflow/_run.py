@@ -34,12 +34,20 @@ class Run:
     def run_id(self) -> str:
         return self.start.run_id
 
+    def ancestors(self) -> list[Run]:
+        """Its parent, the parent's parent, ..., up to the recursion's root."""
+        chain, parent = [], self.parent
+        while parent is not None:
+            chain.append(parent)
+            parent = parent.parent
+        return chain
+
     def top(self) -> Run:
         """The recursion's root run (this one, for a run without a parent)."""
-        top = self
-        while top.parent is not None:
-            top = top.parent
-        return top
+        return (self.ancestors() or [self])[-1]
+
+    def depth(self) -> int:
+        return len(self.ancestors())
 
     def lost_creation(self) -> None:
         """The loop crashed before the run was created: it will be, by the next event that

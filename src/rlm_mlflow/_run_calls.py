@@ -11,6 +11,8 @@ all of it landed. When the calls are made is the lane's (`_lane`).
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -280,7 +282,7 @@ async def last_attempt(jobs: list[tuple[Run, RunEnd, bool]], s: Sending, deadlin
                 tg.start_soon(_terminate, run, end_, s, failed[run])
     # a guess at what creating and ending one run takes: two calls as long as these were
     took = 2 * (time.monotonic() - started) / max(1, terminating) if terminating else 0.0
-    for run, end_, create_first in sorted(jobs, key=lambda job: _depth(job[0])):
+    for run, end_, create_first in sorted(jobs, key=lambda job: job[0].depth()):
         # a parent before its children: a child's creation waits for its parent's
         if create_first and not run.terminated:
             if time.monotonic() + 2 * took > deadline:
@@ -290,19 +292,12 @@ async def last_attempt(jobs: list[tuple[Run, RunEnd, bool]], s: Sending, deadlin
                 )
                 continue
             begun = time.monotonic()
-            await _create_and_terminate(run, end_, s, failed[run])
+            await _alone(_create_and_terminate, run, end_, s, failed[run])
             took = max(took, time.monotonic() - begun)
     async with anyio.create_task_group() as tg:
         for run, end_ in to_end:
             if run.mlflow_id is not None:
-                tg.start_soon(_end_at_deadline, run, end_, s, failed[run])
-
-
-def _depth(run: Run) -> int:
-    depth, parent = 0, run.parent
-    while parent is not None:
-        depth, parent = depth + 1, parent.parent
-    return depth
+                tg.start_soon(_alone, end, run, end_, s, False, failed[run])
 
 
 async def _create_and_terminate(
@@ -310,17 +305,15 @@ async def _create_and_terminate(
 ) -> None:
     """A run the caller started and that was never created: created (found by its key first
     when a creation was under way: it may have landed), then terminated at once."""
-    try:
-        await create(run, s, find=run.create_tried)
-        kept = end_.own and run.found_status in TERMINATED
-        if run.mlflow_id is not None and not kept:
-            await _terminate(run, end_, s, failed)
-    except Exception as exc:  # a bug of ours: the other runs still get their end
-        log.exception("internal error ending a run at close", run_id=run.run_id, error=repr(exc))
+    await create(run, s, find=run.create_tried)
+    kept = end_.own and run.found_status in TERMINATED
+    if run.mlflow_id is not None and not kept:
+        await _terminate(run, end_, s, failed)
 
 
-async def _end_at_deadline(run: Run, end_: RunEnd, s: Sending, failed: list[Exception]) -> None:
+async def _alone(job: Callable[..., Awaitable[None]], run: Run, *args: Any) -> None:
+    """One run's part of the last attempt: a bug of ours in it costs that run alone."""
     try:
-        await end(run, end_, s, upload=False, failed=failed)
-    except Exception as exc:  # a bug of ours: the other runs still get their end
+        await job(run, *args)
+    except Exception as exc:
         log.exception("internal error ending a run at close", run_id=run.run_id, error=repr(exc))
