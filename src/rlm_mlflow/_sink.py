@@ -150,8 +150,9 @@ class MLflowSink(Hooks):
         Returns True when everything accepted was finished in time. When ``timeout`` (default:
         the ``close_timeout`` setting) runs out first, its last seconds (`last_attempt_reserve`)
         go to a last attempt that ends every run (FINISHED with its summary if its end came,
-        else KILLED; terminated first, summaries after), and every event not
-        delivered is counted failed (or spooled): nothing stays pending. Hooks called after
+        else KILLED; terminated first, summaries after; it may take up to a second past the
+        timeout), and every event not delivered is counted failed (or spooled): nothing stays
+        pending. Hooks called after
         close do nothing (each is counted as dropped).
         """
         return _process.close_sinks([self], timeout)

@@ -48,8 +48,12 @@ def last_attempt_reserve(timeout: float) -> float:
     return min(LAST_ATTEMPT_S, max(0.2 * timeout, min(0.5 * timeout, 1.0)))
 
 
+#: Seconds past the close deadline the last attempt may go on ending runs: on a loaded machine
+#: each of its calls can take tens of milliseconds (one at a time on a local store), and a run
+#: left RUNNING is worse than a close a second late. Events are cut at the deadline itself.
+END_GRACE_S = 1.0
 #: Seconds past the close deadline that close() waits for the worker's final tally.
-JOIN_GRACE_S = 1.0
+JOIN_GRACE_S = END_GRACE_S + 0.5
 
 
 class Worker:
@@ -299,8 +303,9 @@ class Worker:
             and self.outcomes.unavailable is None
         ):
             self._policy.closing = True
-            with anyio.move_on_after(max(0.0, self._stop_by - time.monotonic())):
-                await self._last_attempt()
+            ends_by = self._stop_by + END_GRACE_S
+            with anyio.move_on_after(max(0.0, ends_by - time.monotonic())):
+                await self._last_attempt(ends_by)
         self._report_drops(quiet=0.0)
         lost = self.outcomes.stats.inflight
         if lost:
@@ -319,11 +324,12 @@ class Worker:
         if self._sending.connection is not None:  # the exporter's HTTP session, say
             self._sending.connection.close()
 
-    async def _last_attempt(self) -> None:
+    async def _last_attempt(self, ends_by: float) -> None:
         """The close deadline ran out: every run the caller started is created if it was
-        not yet, and ended: FINISHED with its summary if its end came, else KILLED."""
+        not yet, and ended by ``ends_by``: FINISHED with its summary if its end came, else
+        KILLED."""
         jobs = self._router.last_attempt(self._sending.unended)
-        await run_calls.last_attempt(jobs, self._sending, self._stop_by)
+        await run_calls.last_attempt(jobs, self._sending, ends_by)
 
     def _spawn(self, lane: Lane) -> None:
         """A lane with events and no task gets one (none once the loop is over: what is
