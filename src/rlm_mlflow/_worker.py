@@ -135,7 +135,8 @@ class Worker:
 
     def stop(self, deadline: float) -> None:
         """Cancel whatever is still in flight, make a last attempt to end the runs by
-        ``deadline`` (time.monotonic()), and count the rest. Does not wait (see `join`)."""
+        ``deadline`` (time.monotonic(); `END_GRACE_S` past it at most), and count the rest.
+        Does not wait (see `join`)."""
         self._stop_by = min(deadline, self._stop_by) if self._abort else deadline
         self._abort = True
         self._buffer.wakeup.set()
@@ -292,7 +293,8 @@ class Worker:
     async def _finish(self) -> None:
         """After the loop: when the close deadline ran out, a last attempt to end the runs;
         then account for everything that did not get out, and settle the journal. Bounded by
-        the deadline when aborted, so that close() returns with final counts."""
+        the deadline when aborted (the last attempt by `END_GRACE_S` past it), so that
+        close() returns with final counts."""
         self._tg = None  # routed from now on, never sent by a lane
         left = self._router.drain_rest(self._stop_by if self._abort else None)
         if left:
