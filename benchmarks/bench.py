@@ -300,6 +300,78 @@ def stall(server: MlflowServer, seconds: float, settings: dict[str, Any]) -> dic
     return result
 
 
+#: Steps of one loop-cost trial (after its warm-up), and the targets its figures are held to.
+LOOP_STEPS = 50_000
+LOOP_RATIO_TARGET = 1.2
+LOOP_RSS_TARGET_MB = 30.0
+
+
+def run_loop_cost(sink: str, uri: str) -> dict[str, Any]:
+    command = [
+        sys.executable,
+        str(HERE / "loop_cost.py"),
+        sink,
+        "--uri",
+        uri,
+        "--steps",
+        str(LOOP_STEPS),
+        "--experiment",
+        f"loop-{uuid.uuid4().hex[:8]}",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=900, check=False
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"loop_cost"')]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"loop cost {sink} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(lines[-1])["loop_cost"]
+    return result
+
+
+def loop_cost(uri: str, count: int) -> dict[str, Any]:
+    """What a loop with its own per-step I/O (a JSONL line written and flushed, as rlm-code's
+    runner does) pays per step with our sink and without: fresh processes, rounds that
+    alternate which goes first, medians and their ratio."""
+    samples: dict[str, list[dict[str, Any]]] = {"none": [], "ours": []}
+    for r in range(count):
+        for sink in ("none", "ours") if r % 2 == 0 else ("ours", "none"):
+            result = run_loop_cost(sink, uri)
+            samples[sink].append(result)
+            print(f"  round {r + 1}/{count} loop, {sink:<5} {result['us_per_step']:.2f} us/step")
+    bare = statistics.median(s["us_per_step"] for s in samples["none"])
+    ours = statistics.median(s["us_per_step"] for s in samples["ours"])
+    rss = statistics.median(s["rss_growth_mb"] for s in samples["ours"])
+    return {
+        "steps": LOOP_STEPS,
+        "rounds": count,
+        "bare_us_per_step": bare,
+        "ours_us_per_step": ours,
+        "ratio": ours / bare,
+        "ratio_met": ours / bare <= LOOP_RATIO_TARGET,
+        "rss_growth_mb": rss,
+        "rss_met": rss <= LOOP_RSS_TARGET_MB,
+        "delivered_after_loop_s": statistics.median(
+            s["delivered_after_loop_s"] for s in samples["ours"]
+        ),
+        "mlflow_in_host": any(s["mlflow_in_host"] for s in samples["ours"]),
+        "all_delivered": all(s["failed"] == 0 for s in samples["ours"]),
+        "samples": {k: [s["us_per_step"] for s in v] for k, v in samples.items()},
+    }
+
+
+def print_loop_cost(label: str, c: dict[str, Any]) -> None:
+    print(
+        f"loop cost, {label}: {c['bare_us_per_step']:.2f} -> {c['ours_us_per_step']:.2f} us per "
+        f"step, {c['ratio']:.2f}x (target <= {LOOP_RATIO_TARGET}: "
+        f"{'met' if c['ratio_met'] else 'MISSED'}); host RSS +{c['rss_growth_mb']:.0f} MB "
+        f"(target <= {LOOP_RSS_TARGET_MB:.0f}: {'met' if c['rss_met'] else 'MISSED'}); "
+        f"mlflow in the host: {c['mlflow_in_host']}; the rest delivered "
+        f"{c['delivered_after_loop_s']:.1f} s after the loop"
+        + ("" if c["all_delivered"] else " (NOT all delivered)")
+    )
+
+
 def memory(server: MlflowServer, seconds: float, spools: Path) -> dict[str, Any]:
     results = {}
     for name, settings in MEMORY.items():
@@ -396,6 +468,8 @@ def main() -> None:
                     )
                     results["spool"] = spool
                     results["memory"] = memory(server, args.stall, Path(tmp) / "memory")
+                    print("  loop cost", flush=True)
+                    results["loop_cost"] = {label: loop_cost(server.url, args.rounds)}
                     print("  flush at shutdown of a long run", flush=True)
                     ceiling = max(("raw-1", "raw-4"), key=lambda n: table[n]["metrics_per_s"])
                     results["shutdown_flush"] = shutdown_flush(
@@ -407,6 +481,9 @@ def main() -> None:
             table = summarize(rounds(uri, EMBEDDED, args.rounds))
             results["stores"]["embedded"] = table
             results["ratios"]["embedded"] = ratios(table)
+            print("  loop cost", flush=True)
+            embedded = f"sqlite:///{Path(tmp) / 'loop.db'}"
+            results.setdefault("loop_cost", {})["embedded"] = loop_cost(embedded, args.rounds)
     results["seconds"] = time.time() - started
 
     for label, table in results["stores"].items():
@@ -416,6 +493,8 @@ def main() -> None:
         print_table(
             f"the spool, server-4-workers (medians of {args.rounds} rounds)", results["spool"]
         )
+    for label, cost in results.get("loop_cost", {}).items():
+        print_loop_cost(label, cost)
     if "memory" not in results:
         return
     print(f"\nserver stopped {args.stall:.0f} s, loop at full speed:")
