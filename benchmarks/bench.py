@@ -433,7 +433,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--stall", type=float, default=30.0, help="seconds the server stops")
     parser.add_argument("--flush-steps", type=int, default=100_000)
     parser.add_argument("--flush-rounds", type=int, default=3)
