@@ -152,8 +152,7 @@ class MLflowSink(Hooks):
         go to a last attempt that ends every run (FINISHED with its summary if its end came,
         else KILLED; terminated first, summaries after; it may take up to a second past the
         timeout), and every event not delivered is counted failed (or spooled): nothing stays
-        pending. Hooks called after
-        close do nothing (each is counted as dropped).
+        pending. Hooks called after close do nothing (each is counted as dropped).
         """
         return _process.close_sinks([self], timeout)
 
