@@ -67,34 +67,33 @@ SPOOL = {
 }
 
 
-def run_contender(name: str, uri: str, runs: int, steps: int, **extra: Any) -> dict[str, Any]:
-    env = dict(os.environ)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if name == "mlflow-async-buffered":
-        env["MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"] = "1"
-    command = [
-        sys.executable,
-        str(HERE / "contenders.py"),
-        name,
-        "--uri",
-        uri,
-        "--runs",
-        str(runs),
-        "--steps",
-        str(steps),
-        "--experiment",
-        f"bench-{uuid.uuid4().hex[:8]}",
-    ]
-    for key, value in extra.items():
-        command += [f"--{key}", str(value)]
+def trial(script: str, args: list[str], first_key: str, **env: str) -> dict[str, Any]:
+    """One trial of ``script`` (in this directory) in a fresh process, without the caller's
+    tracking URI (and with ``env`` added): its last JSON line that starts with ``first_key``."""
+    environment = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=900, check=False
+        [sys.executable, str(HERE / script), *args],
+        capture_output=True,
+        text=True,
+        env={**environment, **env},
+        timeout=900,
+        check=False,
     )
-    lines = [line for line in done.stdout.splitlines() if line.startswith('{"contender"')]
+    marker = f'{{"{first_key}"'
+    lines = [line for line in done.stdout.splitlines() if line.startswith(marker)]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{name} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{script} {args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def run_contender(name: str, uri: str, runs: int, steps: int, **extra: Any) -> dict[str, Any]:
+    args = [name, "--uri", uri, "--runs", str(runs), "--steps", str(steps)]
+    args += ["--experiment", f"bench-{uuid.uuid4().hex[:8]}"]
+    for key, value in extra.items():
+        args += [f"--{key}", str(value)]
+    env = {"MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1"} if name == "mlflow-async-buffered" else {}
+    return trial("contenders.py", args, "contender", **env)
 
 
 def median_of(samples: list[dict[str, Any]], key: str) -> float | None:
@@ -307,25 +306,9 @@ LOOP_RSS_TARGET_MB = 30.0
 
 
 def run_loop_cost(sink: str, uri: str) -> dict[str, Any]:
-    command = [
-        sys.executable,
-        str(HERE / "loop_cost.py"),
-        sink,
-        "--uri",
-        uri,
-        "--steps",
-        str(LOOP_STEPS),
-        "--experiment",
-        f"loop-{uuid.uuid4().hex[:8]}",
-    ]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run(
-        command, capture_output=True, text=True, env=env, timeout=900, check=False
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith('{"loop_cost"')]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"loop cost {sink} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(lines[-1])["loop_cost"]
+    args = [sink, "--uri", uri, "--steps", str(LOOP_STEPS)]
+    args += ["--experiment", f"loop-{uuid.uuid4().hex[:8]}"]
+    result: dict[str, Any] = trial("loop_cost.py", args, "loop_cost")["loop_cost"]
     return result
 
 
@@ -355,7 +338,7 @@ def loop_cost(uri: str, count: int) -> dict[str, Any]:
             s["delivered_after_loop_s"] for s in samples["ours"]
         ),
         "mlflow_in_host": any(s["mlflow_in_host"] for s in samples["ours"]),
-        "all_delivered": all(s["failed"] == 0 for s in samples["ours"]),
+        "all_delivered": all(s["not_delivered"] == 0 for s in samples["ours"]),
         "samples": {k: [s["us_per_step"] for s in v] for k, v in samples.items()},
     }
 

@@ -86,7 +86,7 @@ def main() -> None:
         result.update(
             delivered_after_loop_s=time.perf_counter() - looped,
             delivered=status["delivered"],
-            failed=status["failed"] + status["dropped"],
+            not_delivered=status["failed"] + status["dropped"],
         )
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["rss_growth_mb"] = max(0.0, peak_mb - rss_before)
